@@ -1,0 +1,75 @@
+"""Name -> config -> DualEncoder, as open_clip's factory does, plus our own small configs.
+
+`create_backbone("ViT-B-32")` builds a randomly initialised model (no weights needed);
+`pretrained=` takes an OpenCLIP tag or a local checkpoint file/directory, resolved by
+`xmodal.backbones.weights`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+
+from xmodal.backbones.dual_encoder import DualEncoder
+
+_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make xmodal's own architectures (xmodal-tiny, xmodal-test) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+def list_architectures() -> list[str]:
+    register_model_configs()
+    return open_clip.list_models()
+
+
+def create_backbone(
+    name: str,
+    pretrained: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: Optional[str] = None,
+    seed: Optional[int] = None,
+) -> DualEncoder:
+    """Build architecture `name` and load `pretrained` weights (None: random init).
+
+    `pretrained` may be an OpenCLIP tag (`openai`, `laion2b_s34b_b79k`, ...), a local OpenAI
+    / OpenCLIP checkpoint file, or a Hugging Face `CLIPModel` directory. Missing weights
+    raise `WeightsNotFoundError` naming the architecture and the four ways to supply them.
+    """
+    register_model_configs()
+    if name not in open_clip.list_models():
+        from xmodal.errors import XModalError
+
+        raise XModalError(
+            f"unknown architecture {name!r}; known: ViT-B-32, ViT-B-16, ViT-L-14, xmodal-tiny, "
+            f"xmodal-test and the rest of `open_clip.list_models()`"
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=None, precision="fp32", device="cpu"
+    )
+    tokenizer = open_clip.get_tokenizer(name)
+    source = None
+    if pretrained:
+        from xmodal.backbones.weights import load_pretrained
+
+        source = load_pretrained(clip, name, pretrained, cache_dir=cache_dir)
+    model = DualEncoder(clip, name, tokenizer, preprocess_train, preprocess_val, pretrained=source)
+    model.requires_grad_(False)
+    model.eval()
+    if precision in ("fp16", "bf16"):
+        model.to(dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    elif precision != "fp32":
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    return model.to(device)
