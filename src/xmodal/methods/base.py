@@ -162,24 +162,50 @@ def hook_block(block: nn.Module, position: str, fn: Callable[[torch.Tensor], tor
 
     position "attn" -> branch after attention (`ls_1`), "ffn" -> after the MLP (`ls_2`).
     form "sequential": delta = fn(branch output)  (Houlsby / Cross-Modal Adapter);
-    form "parallel":   delta = fn(block input of that branch) (AdaptFormer, He et al.).
+    form "parallel":   delta = fn(block input of that branch) (AdaptFormer, He et al.);
+    form "parallel_normed": delta = fn(LayerNorm output feeding that branch) (Convpass).
     Returns the hook handles (remove them to detach).
     """
+    if position not in ("attn", "ffn"):
+        raise XModalError(f"position={position!r}: expected 'attn' or 'ffn'")
     ls, ln = {"attn": ("ls_1", "ln_1"), "ffn": ("ls_2", "ln_2")}[position]
     if form == "sequential":
         return [getattr(block, ls).register_forward_hook(_output_hook(fn))]
-    if form == "parallel":
+    if form in ("parallel", "parallel_normed"):
         tap = _InputTap()
+        if form == "parallel_normed":
+            tap_hook = getattr(block, ln).register_forward_hook(lambda m, a, out: setattr(tap, "value", out))
+        else:
+            tap_hook = getattr(block, ln).register_forward_pre_hook(tap)
 
         def add_parallel(module, args, output):
             x, tap.value = tap.value, None
             return output + fn(x)
 
-        return [
-            getattr(block, ln).register_forward_pre_hook(tap),
-            getattr(block, ls).register_forward_hook(add_parallel),
-        ]
-    raise XModalError(f"form={form!r}: expected 'sequential' or 'parallel'")
+        return [tap_hook, getattr(block, ls).register_forward_hook(add_parallel)]
+    raise XModalError(f"form={form!r}: expected 'sequential', 'parallel' or 'parallel_normed'")
+
+
+def hook_block_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """x -> x + fn(x) at the entry of a block, before its attention (ST-Adapter's position)."""
+
+    def pre(module, args, kwargs):
+        x = args[0] if args else kwargs["q_x"]
+        x = x + fn(x)
+        if args:
+            return (x, *args[1:]), kwargs
+        kwargs = dict(kwargs, q_x=x)
+        return args, kwargs
+
+    return [block.register_forward_pre_hook(pre, with_kwargs=True)]
+
+
+def patch_grid(num_tokens: int, prefix: int = 1) -> int:
+    """Side of the square patch grid of a ViT token sequence (CLS first)."""
+    side = int(round((num_tokens - prefix) ** 0.5))
+    if side * side != num_tokens - prefix:
+        raise XModalError(f"{num_tokens - prefix} patch tokens do not form a square grid")
+    return side
 
 
 # ------------------------------------------------------------------------ method
@@ -283,6 +309,6 @@ def modalities_of(spec: Union[str, Sequence[str]]) -> List[str]:
 
 __all__ = [
     "MethodConfig", "Method", "REGISTRY", "register", "get_method_class", "config_from_dict", "make_config",
-    "select_layers", "map_layer", "hook_block", "check_state_shapes", "modalities_of", "VISION", "TEXT",
+    "select_layers", "map_layer", "hook_block", "hook_block_input", "patch_grid", "check_state_shapes", "modalities_of", "VISION", "TEXT",
     "MODALITIES", "field",
 ]

@@ -25,6 +25,7 @@ class AdaptedModel(nn.Module):
         self.methods = nn.ModuleDict()
         self.active: Optional[str] = None
         backbone.requires_grad_(False)
+        self.train(backbone.training)  # eval unless the caller says otherwise (dropout off)
 
     # ------------------------------------------------------------------ methods
     def add_method(self, config: MethodConfig, adapter_name: str = "default", activate: bool = True) -> Method:
@@ -35,6 +36,7 @@ class AdaptedModel(nn.Module):
         ref = next(iter(self.backbone.parameters()))
         method.to(device=ref.device)
         method.requires_grad_(False)
+        method.train(self.training)
         self.methods[adapter_name] = method
         if activate:
             self.set_active(adapter_name)
