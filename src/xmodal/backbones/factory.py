@@ -54,6 +54,12 @@ def create_backbone(
             f"unknown architecture {name!r}; known: ViT-B-32, ViT-B-16, ViT-L-14, xmodal-tiny, "
             f"xmodal-test and the rest of `open_clip.list_models()`"
         )
+    weights = None
+    if pretrained:
+        from xmodal.backbones.weights import resolve_pretrained
+
+        # find the weights before the (slow) build so a missing file fails fast
+        weights = resolve_pretrained(name, pretrained, cache_dir=cache_dir)
     if seed is not None:
         torch.manual_seed(seed)
     clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -61,10 +67,10 @@ def create_backbone(
     )
     tokenizer = open_clip.get_tokenizer(name)
     source = None
-    if pretrained:
+    if weights is not None:
         from xmodal.backbones.weights import load_pretrained
 
-        source = load_pretrained(clip, name, pretrained, cache_dir=cache_dir)
+        source = load_pretrained(clip, name, weights, cache_dir=cache_dir)
     model = DualEncoder(clip, name, tokenizer, preprocess_train, preprocess_val, pretrained=source)
     model.requires_grad_(False)
     model.eval()

@@ -59,10 +59,16 @@ def save_adapter(model, directory, adapter_name: Optional[str] = None, extra: Op
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "method": method.name})
         if directory.exists():
+            # a non-empty directory cannot be replaced in one rename: move the old one aside
+            # and put it back if the new one cannot take its place
             old = directory.with_name(directory.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -74,11 +80,18 @@ def save_adapter(model, directory, adapter_name: Optional[str] = None, extra: Op
 def read_adapter_config(directory) -> Dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise XModalError(f"{path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        hint = ""
+        old = Path(directory).with_name(Path(directory).name + ".old")
+        if (old / CONFIG_NAME).is_file():
+            hint = f"; an interrupted save left the previous checkpoint at {old}"
+        raise XModalError(f"{path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise XModalError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise XModalError(f"{path}: expected a JSON object with 'method' and the method's fields")
+    return meta
 
 
 def load_adapter(model, directory, adapter_name: Optional[str] = None, activate: bool = True):
@@ -102,7 +115,13 @@ def load_adapter(model, directory, adapter_name: Optional[str] = None, activate:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise XModalError(f"{weights}: not found")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for bad headers / short files
+        raise XModalError(
+            f"{weights}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            f"the checkpoint is truncated or corrupt -- save the adapter again"
+        ) from None
     method = model.add_method(config, name, activate=False)
     try:
         ref = next(iter(model.backbone.parameters()))

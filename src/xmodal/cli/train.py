@@ -1,0 +1,47 @@
+"""`xmodal train --config FILE [key=value ...] [--resume] [--out RUN_DIR]`.
+
+Single process by default; under `torchrun --nproc_per_node N -m xmodal train ...` it runs
+DDP (the global batch is split over the processes). Overrides use dotted keys with
+YAML-typed values, either as trailing `key=value` words or after `--set`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a parameter-efficient method (single process or torchrun DDP)",
+        description="Train the method of a YAML config; writes config.yaml, metrics.csv, TensorBoard logs, "
+                    "last/ and best/ adapter checkpoints and metrics.json into the run directory.")
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=1e-4 method.r=16")
+    p.add_argument("--set", dest="set_overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="more overrides (same form)")
+    p.add_argument("--out", default=None, help="run directory (default: output_dir of the config)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last exactly where it stopped")
+    p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
+                   help="end this invocation after epoch N (resume later with --resume)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.engine import distributed as dist_utils
+    from xmodal.engine.config import load_config
+    from xmodal.engine.train import fit
+
+    overrides = list(args.overrides) + list(args.set_overrides)
+    cfg = load_config(args.config, overrides)
+    try:
+        result = fit(cfg, args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+                     source=args.config)
+        if dist_utils.rank() == 0:
+            print(f"run directory: {result.run_dir} ({result.epochs_done}/{cfg.train.epochs} epochs, "
+                  f"{result.global_step} updates)")
+            if result.best_epoch is not None:
+                print(f"best epoch {result.best_epoch}: adapter in {result.run_dir / 'best'}")
+    finally:
+        dist_utils.cleanup()
+    return 0

@@ -1,0 +1,300 @@
+"""Torch datasets over `Item`s and the `collate` that builds the batch dict of ARCHITECTURE.md.
+
+- `TrainDataset`: one (caption, clip) pair per item per epoch. The caption is drawn from the
+  item's captions by a generator seeded with (seed, epoch, index), so an epoch is the same
+  whatever the worker count or the order of access, and a resumed run sees exactly the
+  captions it would have seen (CLIP4Clip draws one caption per video and epoch likewise).
+- `EvalDataset`: all captions flattened (`texts`, `text_to_visual`) plus `visuals`, a
+  dataset of the gallery items, so texts and the gallery are encoded separately, once.
+
+Unreadable media follow `xmodal.data.media.MediaPolicy`: by default the sample becomes None,
+`collate` drops it and counts it in `batch["skipped"]` (each path is logged once with its
+reason); `strict=True` raises the `MediaError` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from xmodal.data import media
+from xmodal.data.items import DatasetSpec, Item
+from xmodal.errors import DataError
+
+Tokenize = Callable[[List[str]], torch.Tensor]
+LoadVisual = Callable[[Item, int], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class VisualLoader:
+    """Item -> (pixels (F, 3, H, W), frame_mask (F,)) through `xmodal.data.media`.
+
+    Videos go through `media.load_clip` (1 frame per `fps` second, uniform `num_frames`,
+    padded with mask False, the item's [start, end) segment); images through
+    `media.load_image` as a one-frame clip. A plain class so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, transform: Optional[Callable] = None, fps: float = 1.0, cache=None):
+        self.transform = transform
+        self.fps = fps
+        self.cache = cache
+
+    def __call__(self, item: Item, num_frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if item.kind == "image":
+            pixels = media.load_image(item.media, self.transform, cache=self.cache)
+            return pixels.unsqueeze(0), torch.ones(1, dtype=torch.bool)
+        return media.load_clip(item.media, num_frames=num_frames, fps=self.fps, transform=self.transform,
+                               start=item.start, end=item.end, cache=self.cache)
+
+
+def _check_items(items: Sequence[Item], need_captions: bool) -> List[Item]:
+    items = list(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, Item):
+            raise DataError(f"dataset item {i}: expected an xmodal.data.Item, got {type(item).__name__}")
+        if need_captions and not item.captions:
+            raise DataError(f"dataset item {i} ({item.id!r}): expected at least one caption, got none")
+    return items
+
+
+class _VisualItems(Dataset):
+    """Shared loading of an item's frames (under the media policy) and descriptions."""
+
+    def __init__(self, items: Sequence[Item], tokenize: Optional[Tokenize], load_visual: Optional[LoadVisual],
+                 num_frames: int, strict: bool, max_descriptions: Optional[int]):
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.tokenize = tokenize
+        self.load_visual = load_visual if load_visual is not None else VisualLoader()
+        self.num_frames = int(num_frames)
+        self.max_descriptions = max_descriptions
+        self.policy = media.MediaPolicy(strict=strict)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped for unreadable media in this process (workers keep their own counts)."""
+        return self.policy.skipped
+
+    @property
+    def failures(self) -> Dict[str, str]:
+        """path -> reason of every unreadable media file seen in this process."""
+        return self.policy.failures
+
+    def _visual(self, item: Item) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        out = self.policy.call(self.load_visual, item, self.num_frames)
+        if out is None:
+            return None
+        pixels, mask = out
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(0)
+        if pixels.dim() != 4:
+            raise ValueError(f"load_visual({item.id!r}) must return (F, 3, H, W) pixels, got {tuple(pixels.shape)}")
+        mask = torch.ones(pixels.shape[0], dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        if mask.shape != (pixels.shape[0],):
+            raise ValueError(f"load_visual({item.id!r}) returned a mask of shape {tuple(mask.shape)} for {pixels.shape[0]} frames")
+        return pixels, mask
+
+    def _tokens(self, texts: List[str]) -> torch.Tensor:
+        if self.tokenize is None:
+            raise ValueError("this dataset was built without a tokenize function")
+        tokens = torch.as_tensor(self.tokenize(texts))
+        if tokens.dim() != 2 or tokens.shape[0] != len(texts):
+            raise ValueError(f"tokenize must return (N, L) tokens for N={len(texts)} texts, got {tuple(tokens.shape)}")
+        return tokens.long()
+
+    def _add_descriptions(self, sample: Dict[str, Any], item: Item) -> None:
+        if item.descriptions and self.tokenize is not None:
+            texts = item.descriptions[: self.max_descriptions] if self.max_descriptions else item.descriptions
+            sample["desc_tokens"] = self._tokens(list(texts))
+
+
+class TrainDataset(_VisualItems):
+    """(caption, clip) pairs for contrastive training.
+
+    By default one sample per item per epoch with a caption drawn from the item's captions
+    (deterministic in seed, epoch and index; call `set_epoch` before each epoch).
+    `unfold_captions=True` instead yields every (item, caption) pair once per epoch.
+    DataLoader workers copy the dataset when an iterator starts, so with
+    `persistent_workers=True` the epoch set later does not reach them.
+    """
+
+    def __init__(self, items: Sequence[Item], tokenize: Tokenize, load_visual: Optional[LoadVisual] = None,
+                 num_frames: int = 12, *, seed: int = 0, strict: bool = False, unfold_captions: bool = False,
+                 max_descriptions: Optional[int] = None):
+        super().__init__(items, tokenize, load_visual, num_frames, strict, max_descriptions)
+        self.items = _check_items(items, need_captions=True)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.unfold_captions = unfold_captions
+        self._pairs = [(i, j) for i, it in enumerate(self.items) for j in range(len(it.captions))] if unfold_captions else None
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, tokenize: Tokenize, load_visual: Optional[LoadVisual] = None,
+                  num_frames: Optional[int] = None, **kwargs) -> "TrainDataset":
+        """A training set over a read split, with the protocol's frame budget unless given."""
+        return cls(spec.items, tokenize, load_visual, num_frames or spec.max_frames, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._pairs) if self._pairs is not None else len(self.items)
+
+    def caption_index(self, index: int, epoch: Optional[int] = None) -> int:
+        """Which caption item `index` shows in `epoch` (default: the current epoch)."""
+        n = len(self.items[index].captions)
+        if n == 1:
+            return 0
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, int(index)])
+        return int(rng.integers(n))
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        if self._pairs is not None:
+            i, j = self._pairs[index]
+        else:
+            i = int(index)
+            j = self.caption_index(i)
+        item = self.items[i]
+        visual = self._visual(item)
+        if visual is None:
+            return None
+        caption = item.captions[j]
+        sample = {"index": i, "caption": caption, "tokens": self._tokens([caption])[0],
+                  "pixels": visual[0], "frame_mask": visual[1]}
+        self._add_descriptions(sample, item)
+        return sample
+
+
+class VisualDataset(_VisualItems):
+    """The gallery: one sample per item with its frames (and description tokens)."""
+
+    def __init__(self, items: Sequence[Item], load_visual: Optional[LoadVisual] = None, num_frames: int = 12, *,
+                 tokenize: Optional[Tokenize] = None, strict: bool = False, max_descriptions: Optional[int] = None):
+        super().__init__(items, tokenize, load_visual, num_frames, strict, max_descriptions)
+        self.items = _check_items(items, need_captions=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        item = self.items[index]
+        visual = self._visual(item)
+        if visual is None:
+            return None
+        sample = {"index": int(index), "pixels": visual[0], "frame_mask": visual[1]}
+        self._add_descriptions(sample, item)
+        return sample
+
+
+class TextDataset(Dataset):
+    """The queries: one sample per caption with its tokens and the index of its item."""
+
+    def __init__(self, texts: Sequence[str], tokenize: Tokenize, text_to_visual: Optional[torch.Tensor] = None):
+        self.texts = list(texts)
+        self.tokenize = tokenize
+        self.text_to_visual = text_to_visual
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        tokens = torch.as_tensor(self.tokenize([self.texts[index]])).long()
+        sample = {"index": int(index), "caption": self.texts[index], "tokens": tokens[0]}
+        if self.text_to_visual is not None:
+            sample["visual_index"] = int(self.text_to_visual[index])
+        return sample
+
+
+class EvalDataset:
+    """A retrieval test set: `texts` (all captions, item by item), `text_to_visual` (T,),
+    `visual_to_texts` (each item's caption indices), `visuals` (gallery dataset) and
+    `text_dataset` (query dataset, when a tokenize function is given).
+    """
+
+    def __init__(self, items: Sequence[Item], tokenize: Optional[Tokenize] = None,
+                 load_visual: Optional[LoadVisual] = None, num_frames: int = 12, *, strict: bool = False,
+                 max_captions: Optional[int] = None, max_descriptions: Optional[int] = None):
+        self.items = _check_items(items, need_captions=True)
+        self.texts: List[str] = []
+        owners: List[int] = []
+        self.visual_to_texts: List[List[int]] = []
+        for i, item in enumerate(self.items):
+            captions = item.captions[:max_captions] if max_captions else item.captions
+            self.visual_to_texts.append(list(range(len(self.texts), len(self.texts) + len(captions))))
+            self.texts.extend(captions)
+            owners.extend([i] * len(captions))
+        self.text_to_visual = torch.tensor(owners, dtype=torch.long)
+        self.visuals = VisualDataset(self.items, load_visual, num_frames, tokenize=tokenize, strict=strict,
+                                     max_descriptions=max_descriptions)
+        self.text_dataset = TextDataset(self.texts, tokenize, self.text_to_visual) if tokenize is not None else None
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, tokenize: Optional[Tokenize] = None, load_visual: Optional[LoadVisual] = None,
+                  num_frames: Optional[int] = None, **kwargs) -> "EvalDataset":
+        """A test set over a read split, with the protocol's frame budget unless given."""
+        return cls(spec.items, tokenize, load_visual, num_frames or spec.max_frames, **kwargs)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_visuals(self) -> int:
+        return len(self.items)
+
+    @property
+    def skipped(self) -> int:
+        return self.visuals.skipped
+
+
+def _pad_frames(pixels: List[torch.Tensor], masks: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    frames = max(p.shape[0] for p in pixels)
+    shape = pixels[0].shape[1:]
+    if any(p.shape[1:] != shape for p in pixels):
+        raise ValueError(f"cannot batch frames of different sizes: {sorted({tuple(p.shape[1:]) for p in pixels})}")
+    out = pixels[0].new_zeros((len(pixels), frames) + tuple(shape))
+    mask = torch.zeros(len(pixels), frames, dtype=torch.bool)
+    for b, (p, m) in enumerate(zip(pixels, masks)):
+        out[b, : p.shape[0]] = p
+        mask[b, : m.shape[0]] = m
+    return out, mask
+
+
+def collate(samples: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """Batch dict: `index` (B,), `tokens` (B, L), `captions`, `pixels` (B, F, 3, H, W),
+    `frame_mask` (B, F), `desc_tokens` (B, K, L) + `desc_mask` (B, K) when any sample has
+    descriptions, and `skipped` (samples dropped for unreadable media).
+
+    None samples are dropped; a batch where all were dropped is None (skip it).
+    """
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        return None
+    batch: Dict[str, Any] = {
+        "index": torch.tensor([int(s["index"]) for s in kept], dtype=torch.long),
+        "skipped": len(samples) - len(kept),
+    }
+    if "tokens" in kept[0]:
+        batch["tokens"] = torch.stack([s["tokens"] for s in kept])
+    if "caption" in kept[0]:
+        batch["captions"] = [s["caption"] for s in kept]
+    if "visual_index" in kept[0]:
+        batch["visual_index"] = torch.tensor([s["visual_index"] for s in kept], dtype=torch.long)
+    if "pixels" in kept[0]:
+        batch["pixels"], batch["frame_mask"] = _pad_frames([s["pixels"] for s in kept], [s["frame_mask"] for s in kept])
+    with_desc = [s.get("desc_tokens") for s in kept]
+    present = [d for d in with_desc if d is not None]
+    if present:
+        k = max(d.shape[0] for d in present)
+        length = present[0].shape[1]
+        desc = torch.zeros(len(kept), k, length, dtype=present[0].dtype)
+        desc_mask = torch.zeros(len(kept), k, dtype=torch.bool)
+        for b, d in enumerate(with_desc):
+            if d is not None:
+                desc[b, : d.shape[0]] = d
+                desc_mask[b, : d.shape[0]] = True
+        batch["desc_tokens"], batch["desc_mask"] = desc, desc_mask
+    return batch

@@ -1,0 +1,216 @@
+"""Optimisation pieces: AdamW groups, warm-up + cosine schedule, precision, recomputation.
+
+- Weight decay (0.2 by default, as CLIP fine-tuning) applies to matrices only: biases, norm
+  weights, gains, every other 1-D tensor and `logit_scale` are in a no-decay group.
+- The schedule is a pure function of the update count, so its state is one integer and a
+  resumed run gets exactly the learning rates of an uninterrupted one.
+- Mixed precision: bf16 autocast on GPU (no scaler needed); fp16 autocast with a GradScaler.
+- `checkpoint_blocks` recomputes the frozen towers' block activations in backward
+  (non-reentrant `torch.utils.checkpoint`): the frozen weights need no gradients, but the
+  activations inside each block would otherwise be kept for the input gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from xmodal.backbones import context as vctx
+from xmodal.errors import XModalError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_NORM_TOKENS = ("norm", "ln", "bn", "gain", "gamma", "layernorm", "logit_scale", "bias")
+
+
+# ------------------------------------------------------------------ param groups
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norms, gains, any tensor with < 2 dims and the logit scale get no weight decay."""
+    if param.ndim < 2:
+        return True
+    parts = [p.lower() for p in name.replace("/", ".").split(".")]
+    for part in parts:
+        for tok in _NORM_TOKENS:
+            if part == tok or part.startswith(tok + "_") or part.endswith("_" + tok):
+                return True
+    return False
+
+
+def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float) -> List[Dict]:
+    """Two AdamW groups (decay / no decay); parameter names are kept for checkpoints."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if is_no_decay(name, p) else decay).append((name, p))
+    groups = []
+    for label, items, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+        if items:
+            groups.append({"params": [p for _, p in items], "param_names": [n for n, _ in items],
+                           "weight_decay": wd, "group": label})
+    return groups
+
+
+def build_optimizer(named_params, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98),
+                    eps: float = 1e-6) -> torch.optim.AdamW:
+    groups = param_groups(named_params, weight_decay)
+    if not groups:
+        raise XModalError("the method has no trainable parameters; nothing to optimise")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------- schedule
+class WarmupCosine:
+    """Linear warm-up over the first `warmup_ratio` of the updates, then cosine decay.
+
+    Update s (0-based) uses lr * f(s): f = (s+1)/W for s < W, then
+    min_ratio + (1-min_ratio) * (1 + cos(pi * (s-W)/(S-W))) / 2.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1,
+                 min_lr_ratio: float = 0.0, warmup_steps: Optional[int] = None):
+        if total_steps < 1:
+            raise XModalError(f"the schedule needs at least one update, got total_steps={total_steps}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise XModalError(f"train.warmup_ratio={warmup_ratio}: expected a value in [0, 1)")
+        self.optimizer = optimizer
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps if warmup_steps is not None else math.floor(warmup_ratio * total_steps))
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        for g, lr in zip(optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = lr
+        self.step_count = 0
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        f = self.factor(self.step_count)
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * f
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self) -> List[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> Dict:
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "min_lr_ratio": self.min_lr_ratio, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.total_steps = int(state["total_steps"])
+        self.warmup_steps = int(state["warmup_steps"])
+        self.min_lr_ratio = float(state["min_lr_ratio"])
+        self.base_lrs = [float(x) for x in state["base_lrs"]]
+        self._apply()
+
+
+# ---------------------------------------------------------------------- precision
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise XModalError(f"train.precision={precision!r}: expected one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def scaler_state(scaler: Optional[torch.amp.GradScaler]) -> Dict:
+    """GradScaler state as plain numbers (JSON)."""
+    if scaler is None:
+        return {}
+    return {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v)
+            for k, v in scaler.state_dict().items()}
+
+
+# --------------------------------------------------------------- recomputation
+@contextlib.contextmanager
+def _restore_visual_context(ctx: vctx.VisualContext):
+    """Re-enter the frame context of the forward pass while a block is recomputed in backward."""
+    with vctx.frames(ctx.num_frames, ctx.frame_mask):
+        yield
+
+
+def checkpoint_blocks(blocks: Sequence[nn.Module], compile: bool = False) -> Callable[[], None]:
+    """Recompute each block's activations in backward instead of storing them.
+
+    The block's `forward` is wrapped on the instance (the module tree and state_dict do not
+    change), so forward hooks on its submodules - where methods inject - run inside the
+    checkpointed region in both the forward and the recomputation. The visual frame context
+    is captured at forward time and restored during recomputation. With `compile`, the
+    block's own forward (hooks included) is torch.compiled inside the eager checkpoint
+    (dynamo cannot trace a checkpoint with a custom context). Returns an undo function.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    undo = []
+    for block in blocks:
+        if "forward" in vars(block):
+            continue  # already wrapped
+        original = torch.compile(block.forward, dynamic=False) if compile else block.forward
+
+        def wrapped(*args, _orig=original, **kwargs):
+            if not torch.is_grad_enabled():
+                return _orig(*args, **kwargs)
+            ctx = vctx.visual_context()
+            return checkpoint(
+                _orig, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _restore_visual_context(ctx)),
+                **kwargs,
+            )
+
+        block.forward = wrapped
+        undo.append(block)
+
+    def remove() -> None:
+        for b in undo:
+            if "forward" in vars(b):
+                del b.forward
+
+    return remove
+
+
+def compile_blocks(blocks: Sequence[nn.Module], mode: Optional[str] = None) -> None:
+    """torch.compile each block in place (its hooks, i.e. the adapters, are traced with it)."""
+    for block in blocks:
+        block.compile(mode=mode, dynamic=False)
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
+    """Clip to `max_norm` (<= 0 disables clipping, the norm is still reported)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))

@@ -1,0 +1,98 @@
+"""Curves of a run directory: training loss per update and R@1 per evaluated epoch.
+
+Reads `metrics.csv` (written by `xmodal train`) and draws PNGs with matplotlib's Agg
+backend, so it works on machines without a display.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from xmodal.errors import XModalError
+
+
+def _floats(rows: List[Dict[str, str]], key: str):
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if v not in (None, ""):
+            xs.append(int(float(r["step"])))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _save(fig, path: Path) -> None:
+    """Render to a temporary file in the same folder, then rename (atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None) -> List[Path]:
+    """Write `loss.png` (loss vs update, with per-epoch means) and `recall.png` (t2v/v2t R@1
+    vs update at each evaluation) into `out_dir` (default: the run directory)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from xmodal.engine.train import read_metrics_csv
+
+    run_dir = Path(run_dir)
+    rows = read_metrics_csv(run_dir / "metrics.csv")
+    steps = [r for r in rows if r.get("kind") == "step"]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    if not steps and not epochs:
+        raise XModalError(f"{run_dir / 'metrics.csv'}: no step or epoch rows to plot")
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x, y = _floats(steps, "loss")
+        ax.plot(x, y, lw=1, alpha=0.6, label="loss per update")
+        per_epoch: Dict[int, List[float]] = {}
+        last_step: Dict[int, int] = {}
+        for r in steps:
+            if r.get("loss"):
+                e = int(r["epoch"])
+                per_epoch.setdefault(e, []).append(float(r["loss"]))
+                last_step[e] = int(r["step"])
+        if per_epoch:
+            ax.plot([last_step[e] for e in sorted(per_epoch)],
+                    [sum(v) / len(v) for _, v in sorted(per_epoch.items())], "o-", label="epoch mean")
+        ax.set_xlabel("update")
+        ax.set_ylabel("symmetric InfoNCE loss")
+        ax.set_title(f"training loss: {run_dir.name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / "loss.png"
+        _save(fig, path)
+        plt.close(fig)
+        written.append(path)
+
+    if epochs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("t2v/R@1", "text-to-visual R@1"), ("v2t/R@1", "visual-to-text R@1")):
+            x, y = _floats(epochs, key)
+            if x:
+                ax.plot(x, y, "o-", label=label)
+        ax.set_xlabel("update")
+        ax.set_ylabel("R@1 (%)")
+        ax.set_title(f"retrieval R@1: {run_dir.name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / "recall.png"
+        _save(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written

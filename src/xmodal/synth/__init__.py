@@ -1,0 +1,15 @@
+"""The generated world: a seeded image/video-text universe written as plain-JSONL datasets.
+
+`world` writes the three sets (pretraining corpus, temporal video set, shifted image set),
+`scenes` draws them, `captions` phrases them, `events` scripts the video stories.
+"""
+
+from xmodal.synth.world import (  # noqa: F401
+    WRITERS,
+    read_jsonl,
+    write_image_corpus,
+    write_shifted_images,
+    write_video_set,
+)
+
+__all__ = ["WRITERS", "read_jsonl", "write_image_corpus", "write_shifted_images", "write_video_set"]

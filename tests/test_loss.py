@@ -1,0 +1,115 @@
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from xmodal.engine.heads import SimilarityHead
+from xmodal.engine.loss import MAX_LOGIT_SCALE, contrastive_loss, logit_scale_value
+
+
+def _batch(n=6, f=3, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n, d, generator=g)
+    frames = torch.randn(n, f, d, generator=g)
+    mask = torch.ones(n, f, dtype=torch.bool)
+    mask[1, 2] = False
+    return text, frames, mask
+
+
+@pytest.mark.parametrize("pooling", ["mean", "text_conditioned"])
+def test_symmetric_cross_entropy(pooling):
+    text, frames, mask = _batch()
+    head = SimilarityHead(pooling)
+    ls = torch.tensor(2.0)
+    out = contrastive_loss(text, frames, mask, head, ls)
+    s = head(text, frames, mask) * torch.exp(ls)
+    n = s.shape[0]
+    t2v = -torch.log_softmax(s, dim=1).diagonal().mean()
+    v2t = -torch.log_softmax(s, dim=0).diagonal().mean()
+    torch.testing.assert_close(out.loss, (t2v + v2t) / 2)
+    torch.testing.assert_close(out.t2v, t2v)
+    torch.testing.assert_close(out.v2t, v2t)
+    assert out.logits_t2v.shape == (n, n)
+
+
+def test_loss_is_permutation_invariant_and_rewards_alignment():
+    text, frames, mask = _batch(n=8)
+    head = SimilarityHead("text_conditioned")
+    ls = torch.tensor(3.0)
+    base = contrastive_loss(text, frames, mask, head, ls).loss
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    permuted = contrastive_loss(text[perm], frames[perm], mask[perm], head, ls).loss
+    torch.testing.assert_close(base, permuted)
+    aligned = contrastive_loss(frames.mean(1) * 5, frames * 5, None, head, ls).loss
+    assert aligned < base
+
+
+def test_logit_scale_capped_and_frozen():
+    assert float(logit_scale_value(torch.tensor(10.0))) == pytest.approx(MAX_LOGIT_SCALE)
+    text, frames, mask = _batch()
+    text.requires_grad_(True)
+    ls = torch.nn.Parameter(torch.tensor(2.0), requires_grad=False)
+    contrastive_loss(text, frames, mask, SimilarityHead(), ls).loss.backward()
+    assert text.grad is not None and text.grad.abs().sum() > 0
+    assert ls.grad is None
+    ls.requires_grad_(True)
+    contrastive_loss(text, frames, mask, SimilarityHead(), ls).loss.backward()
+    assert ls.grad is not None and ls.grad != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        text, frames, mask = _batch(n=8)
+        n = 8 // world
+        sl = slice(rank * n, (rank + 1) * n)
+        for pooling in ("text_conditioned", "mean"):
+            t = text[sl].clone().requires_grad_(True)
+            f = frames[sl].clone().requires_grad_(True)
+            out = contrastive_loss(t, f, mask[sl], SimilarityHead(pooling), torch.tensor(2.5))
+            out.loss.backward()
+            torch.save({"loss": out.loss.detach(), "gt": t.grad, "gf": f.grad},
+                       os.path.join(out_dir, f"{pooling}_r{rank}.pt"))
+        # uneven shares (samples dropped for unreadable media): 5 + 3
+        sl = slice(0, 5) if rank == 0 else slice(5, 8)
+        t = text[sl].clone().requires_grad_(True)
+        f = frames[sl].clone().requires_grad_(True)
+        out = contrastive_loss(t, f, mask[sl], SimilarityHead("text_conditioned"), torch.tensor(2.5))
+        out.loss.backward()
+        torch.save({"loss": out.loss.detach(), "gt": t.grad, "gf": f.grad}, os.path.join(out_dir, f"uneven_r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_negatives_match_single_process(tmp_path):
+    mp.spawn(_loss_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for pooling in ("text_conditioned", "mean"):
+        _compare_with_single(tmp_path, pooling)
+    _compare_with_single(tmp_path, "text_conditioned", "uneven")
+
+
+def _compare_with_single(tmp_path, pooling, tag=None):
+    text, frames, mask = _batch(n=8)
+    t = text.clone().requires_grad_(True)
+    f = frames.clone().requires_grad_(True)
+    full = contrastive_loss(t, f, mask, SimilarityHead(pooling), torch.tensor(2.5))
+    full.loss.backward()
+    parts = [torch.load(tmp_path / f"{tag or pooling}_r{r}.pt") for r in range(2)]
+    # the global loss is the mean of the ranks' losses
+    torch.testing.assert_close((parts[0]["loss"] + parts[1]["loss"]) / 2, full.loss.detach(), atol=1e-6, rtol=1e-6)
+    # each rank's backward reaches its features through every rank's loss: grad = world * dL/dx,
+    # which DDP's averaging over 2 ranks turns back into dL/dx exactly
+    torch.testing.assert_close(torch.cat([p["gt"] for p in parts]) / 2, t.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p["gf"] for p in parts]) / 2, f.grad, atol=1e-6, rtol=1e-5)
