@@ -30,8 +30,10 @@ def test_paper_settings():
         assert (c.train.lr, c.train.batch_size, c.data.num_frames) == (1e-3, 256, 1)
     for name in ("msvd", "didemo", "lsmdc"):
         assert load_config(CONFIGS / f"{name}_cross_modal_adapter_vitb32.yaml").data.dataset == name
-    s = load_config(CONFIGS / "synth_video_cross_modal_adapter.yaml")
-    assert s.model.backbone == "xmodal-tiny" and s.data.dataset == "jsonl"
+    from xmodal.cli.demo import DEMO_CONFIG
+
+    s = load_config(DEMO_CONFIG)  # packaged with xmodal: the embedded default
+    assert (s.model.backbone, s.model.pretrained, s.data.dataset) == ("xmodal-tiny", "xmodal", "jsonl")
 
 
 def test_overrides_are_dotted_and_yaml_typed():

@@ -284,7 +284,11 @@ class _Clips(torch.utils.data.Dataset):
 def test_corrupt_file_in_dataloader_worker_does_not_hang(corrupt_files, tmp_path):
     good = write_video(tmp_path / "good.mp4", 30, 10.0)
     paths = [good, corrupt_files["random"], corrupt_files["truncated"], corrupt_files["empty"], good]
-    loader = torch.utils.data.DataLoader(_Clips(paths), batch_size=5, num_workers=1)
+    # spawn, not fork: a worker forked from this long-lived pytest process (many threads by now)
+    # can deadlock inside torch's own worker start-up (seen: torch.manual_seed -> xpu lazy init),
+    # which has nothing to do with the media; a fresh interpreter tests only the decoding.
+    loader = torch.utils.data.DataLoader(_Clips(paths), batch_size=5, num_workers=1,
+                                         multiprocessing_context="spawn")
     (pixels, mask), = list(loader)
     assert pixels.shape == (5, 4, 3, 32, 32)
     assert mask.sum(dim=1).tolist() == [3, 0, 0, 0, 3]

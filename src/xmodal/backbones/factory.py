@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +32,17 @@ def register_model_configs() -> None:
 def list_architectures() -> list[str]:
     register_model_configs()
     return open_clip.list_models()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def create_backbone(
@@ -62,9 +75,11 @@ def create_backbone(
         weights = resolve_pretrained(name, pretrained, cache_dir=cache_dir)
     if seed is not None:
         torch.manual_seed(seed)
-    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None, precision="fp32", device="cpu"
-    )
+    # open_clip warns "initialized randomly" because xmodal loads the weights itself, below
+    with _quiet_root_logger():
+        clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, precision="fp32", device="cpu"
+        )
     tokenizer = open_clip.get_tokenizer(name)
     source = None
     if weights is not None:

@@ -123,6 +123,8 @@ def resolve_pretrained(
     if isinstance(pretrained, WeightSource):
         return pretrained
     text = os.fspath(pretrained)
+    if text == EMBEDDED_TAG:
+        return _resolve_embedded(name)
     if not _looks_like_path(text) and open_clip.get_pretrained_cfg(name, text):
         return _resolve_tag(name, text, cache_dir, download)  # a tag, even if a same-named file is here
     path = Path(text).expanduser()
@@ -133,6 +135,23 @@ def resolve_pretrained(
     if _looks_like_path(text):
         raise weights_not_found(name, text, f"{path} does not exist")
     return _resolve_tag(name, text, cache_dir, download)
+
+
+#: weights shipped inside the package (the project's own small CLIP, see its MODEL_CARD.md)
+EMBEDDED_TAG = "xmodal"
+EMBEDDED = {"xmodal-tiny": Path(__file__).resolve().parent.parent / "assets" / "xmodal-tiny" / "model.safetensors"}
+
+
+def _resolve_embedded(name: str) -> WeightSource:
+    path = EMBEDDED.get(name)
+    if path is None:
+        raise XModalError(
+            f"pretrained={EMBEDDED_TAG!r} is the project's own embedded model and exists only for "
+            f"{sorted(EMBEDDED)}; for {name} give an OpenCLIP tag or a checkpoint path"
+        )
+    if not path.is_file():
+        raise weights_not_found(name, EMBEDDED_TAG, f"the packaged file {path} is missing (reinstall xmodal)")
+    return WeightSource(KIND_FILE, path, f"{EMBEDDED_TAG} (embedded {name}, {path.name})")
 
 
 def _looks_like_path(text: str) -> bool:
