@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.encoding import encode_texts
 
     text = encode_texts(model, [query], max_words=cfg.data.max_words, progress=False)
-    hits = index.search(text, k=5, rerank=lambda t, f, m: head(t, f, m))[0]
+    hits = index.search(text, k=5, rerank=head)[0]
     truth = None if args.query else ids[int(data.eval.text_to_visual[0])]
     print(f'query: "{query}"')
     for h in hits:

@@ -20,6 +20,14 @@ def register(subparsers) -> None:
         "eval", help="evaluate retrieval (zero-shot or with an adapter)",
         description="Encode every caption and gallery item once, score all pairs with the pooling head, "
                     "print R@1/5/10, MdR and MnR both ways and write metrics.json.")
+    add_model_data_args(p)
+    p.add_argument("--dual-softmax", action="store_true", help="dual-softmax re-scoring at inference")
+    p.add_argument("--out", default=None, help="directory for metrics.json (default: eval/<dataset>_<split>)")
+    p.set_defaults(func=run)
+
+
+def add_model_data_args(p: argparse.ArgumentParser) -> None:
+    """Dataset, backbone, adapter and head options shared by `eval` and `index`."""
     p.add_argument("--config", default=None, help="YAML run config (data/model/head/eval sections are used)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --config)")
     p.add_argument("--dataset", default=None, help="benchmark reader: msrvtt, msvd, didemo, activitynet, lsmdc, "
@@ -31,7 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", default=None, help="adapter checkpoint directory (e.g. RUN/best)")
     p.add_argument("--pooling", choices=["mean", "text_conditioned"], default=None)
     p.add_argument("--temperature", type=float, default=None, help="tau of text-conditioned pooling")
-    p.add_argument("--dual-softmax", action="store_true", help="dual-softmax re-scoring at inference")
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--max-words", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="visual items per encoding batch")
@@ -39,8 +46,6 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=None,
                    help="initialisation seed of a backbone without pretrained weights (default: train.seed)")
-    p.add_argument("--out", default=None, help="directory for metrics.json (default: eval/<dataset>_<split>)")
-    p.set_defaults(func=run)
 
 
 def _config(args: argparse.Namespace):
@@ -77,7 +82,7 @@ def _config(args: argparse.Namespace):
         h.pooling = args.pooling
     if args.temperature is not None:
         h.temperature = args.temperature
-    if args.dual_softmax:
+    if getattr(args, "dual_softmax", False):
         cfg.eval.dual_softmax = True
     if args.batch_size is not None:
         cfg.eval.batch_size = args.batch_size
