@@ -48,6 +48,17 @@ def add_model_data_args(p: argparse.ArgumentParser) -> None:
                    help="initialisation seed of a backbone without pretrained weights (default: train.seed)")
 
 
+#: command-line flag -> (config section, key); a flag left unset keeps the config's value
+_FLAG_TO_CONFIG = {
+    "dataset": ("data", "dataset"), "root": ("data", "root"), "split": ("data", "eval_split"),
+    "num_frames": ("data", "num_frames"), "max_words": ("data", "max_words"),
+    "num_workers": ("data", "num_workers"), "backbone": ("model", "backbone"),
+    "pretrained": ("model", "pretrained"), "pooling": ("head", "pooling"),
+    "temperature": ("head", "temperature"), "batch_size": ("eval", "batch_size"),
+    "device": ("train", "device"), "seed": ("train", "seed"),
+}
+
+
 def _config(args: argparse.Namespace):
     from xmodal.engine.config import load_config
     from xmodal.errors import XModalError
@@ -59,37 +70,12 @@ def _config(args: argparse.Namespace):
         if args.overrides:
             raise XModalError(f"key=value overrides {args.overrides} need --config")
     cfg = load_config(args.config, args.overrides) if args.config else load_config(None)
-    d, m, h = cfg.data, cfg.model, cfg.head
-    if args.dataset is not None:
-        d.dataset = args.dataset
-    if args.root is not None:
-        d.root = args.root
-    if args.split is not None:
-        d.eval_split = args.split
-    if args.num_frames is not None:
-        d.num_frames = args.num_frames
-    if args.max_words is not None:
-        d.max_words = args.max_words
-    if args.num_workers is not None:
-        d.num_workers = args.num_workers
-    if args.backbone is not None:
-        m.backbone = args.backbone
-        if args.config is None or args.pretrained is not None:
-            m.pretrained = args.pretrained
-    elif args.pretrained is not None:
-        m.pretrained = args.pretrained
-    if args.pooling is not None:
-        h.pooling = args.pooling
-    if args.temperature is not None:
-        h.temperature = args.temperature
+    for flag, (section, key) in _FLAG_TO_CONFIG.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
     if getattr(args, "dual_softmax", False):
         cfg.eval.dual_softmax = True
-    if args.batch_size is not None:
-        cfg.eval.batch_size = args.batch_size
-    if args.device is not None:
-        cfg.train.device = args.device
-    if args.seed is not None:
-        cfg.train.seed = args.seed
     from xmodal.engine.config import validate
 
     validate(cfg, args.config or "command line")
