@@ -13,7 +13,7 @@ from torch import nn
 
 import xmodal
 from xmodal.errors import CheckpointMismatchError, XModalError
-from xmodal.methods import AdaptedModel, apply_method, make_config
+from xmodal.methods import AdaptedModel, apply_method, list_methods, make_config
 from xmodal.methods import checkpoint as ckpt
 from xmodal.methods.base import REGISTRY, Method, MethodConfig, hook_block, register
 
@@ -133,6 +133,26 @@ def test_save_contents_and_exact_reload(tiny_backbone_factory, bottleneck_regist
     got = _embed(loaded, tokens, video)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert not torch.allclose(got[0], frozen[0], atol=1e-4)  # the adapter really does something
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_registered_method_round_trips(tiny_backbone_factory, tmp_path, name):
+    """Trained tensors (randomised here) reload onto a fresh backbone: same video and text embeddings."""
+    model = apply_method(tiny_backbone_factory(0), make_config(name))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    video = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    captions = ["a blue square appears", "the red circle moves left"]
+    with torch.no_grad():
+        want_v, want_t = model.encode_video(video), model.encode_text(model.tokenize(captions))
+    model.save_adapter(tmp_path / name)
+    fresh = AdaptedModel(tiny_backbone_factory(0))
+    fresh.load_adapter(tmp_path / name)
+    with torch.no_grad():
+        assert torch.equal(fresh.encode_video(video), want_v)
+        assert torch.equal(fresh.encode_text(fresh.tokenize(captions)), want_t)
 
 
 def test_many_adapters_switch_on_one_backbone(tiny_backbone_factory, bottleneck_registered, tmp_path):

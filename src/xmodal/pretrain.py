@@ -587,7 +587,7 @@ def model_card(s: Dict) -> str:
         "word order",
         "",
         "## Training",
-        f"- objective: symmetric InfoNCE with a learnable logit scale (clamped at 100)",
+        "- objective: symmetric InfoNCE with a learnable logit scale (clamped at 100)",
         f"- optimiser: AdamW (betas 0.9/0.98, eps 1e-6), lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g} "
         f"on matrices, {cfg['warmup']} warm-up steps then cosine to {cfg['min_lr']:g}",
         f"- steps {cfg['steps']}, batch {cfg['batch']} ({s['samples_seen']} samples, {s['epochs']:.1f} epochs), "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from xmodal.engine.heads import mean_pool
 from xmodal.errors import XModalError
 
 FEATURES = "frame_features.safetensors"
@@ -33,13 +34,6 @@ class Hit:
     id: str
     media: str
     score: float
-
-
-def _mean_pool(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    frames = torch.nn.functional.normalize(frames.float(), dim=-1)
-    w = mask.float().unsqueeze(-1)
-    pooled = (frames * w).sum(1) / w.sum(1).clamp_min(1.0)
-    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 class GalleryIndex:
@@ -59,7 +53,7 @@ class GalleryIndex:
         self.ids = list(ids)
         self.media = list(media)
         self.meta = dict(meta or {})
-        pooled = _mean_pool(self.frame_features, self.frame_mask).numpy().astype(np.float32)
+        pooled = mean_pool(self.frame_features, self.frame_mask).numpy().astype(np.float32)
         self.faiss = faiss.IndexFlatIP(pooled.shape[1])
         self.faiss.add(pooled)
 

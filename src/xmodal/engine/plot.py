@@ -36,6 +36,20 @@ def _save(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _finish(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    """Label a curve plot over updates, write it atomically, free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("update")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None) -> List[Path]:
     """Write `loss.png` (loss vs update, with per-epoch means) and `recall.png` (t2v/v2t R@1
     vs update at each evaluation) into `out_dir` (default: the run directory)."""
@@ -70,15 +84,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
         if per_epoch:
             ax.plot([last_step[e] for e in sorted(per_epoch)],
                     [sum(v) / len(v) for _, v in sorted(per_epoch.items())], "o-", label="epoch mean")
-        ax.set_xlabel("update")
-        ax.set_ylabel("symmetric InfoNCE loss")
-        ax.set_title(f"training loss: {run_dir.name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / "loss.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, "symmetric InfoNCE loss", f"training loss: {run_dir.name}", out / "loss.png"))
 
     if epochs:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -86,13 +92,5 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
             x, y = _floats(epochs, key)
             if x:
                 ax.plot(x, y, "o-", label=label)
-        ax.set_xlabel("update")
-        ax.set_ylabel("R@1 (%)")
-        ax.set_title(f"retrieval R@1: {run_dir.name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / "recall.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, "R@1 (%)", f"retrieval R@1: {run_dir.name}", out / "recall.png"))
     return written

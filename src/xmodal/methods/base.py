@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from xmodal.backbones.dual_encoder import MODALITIES, TEXT, VISION, DualEncoder
 from xmodal.errors import XModalError
+
+if TYPE_CHECKING:
+    from xmodal.methods.model import AdaptedModel
 
 LayerSpec = Union[str, int, Sequence[int]]
 
@@ -186,18 +189,20 @@ def hook_block(block: nn.Module, position: str, fn: Callable[[torch.Tensor], tor
     raise XModalError(f"form={form!r}: expected 'sequential', 'parallel' or 'parallel_normed'")
 
 
-def hook_block_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """x -> x + fn(x) at the entry of a block, before its attention (ST-Adapter's position)."""
+def rewrite_block_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Pre-hook: the block's input x (positional, or open_clip's `q_x` keyword) becomes fn(x)."""
 
     def pre(module, args, kwargs):
-        x = args[0] if args else kwargs["q_x"]
-        x = x + fn(x)
         if args:
-            return (x, *args[1:]), kwargs
-        kwargs = dict(kwargs, q_x=x)
-        return args, kwargs
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, dict(kwargs, q_x=fn(kwargs["q_x"]))
 
     return [block.register_forward_pre_hook(pre, with_kwargs=True)]
+
+
+def hook_block_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """x -> x + fn(x) at the entry of a block, before its attention (ST-Adapter's position)."""
+    return rewrite_block_input(block, lambda x: x + fn(x))
 
 
 def patch_grid(num_tokens: int, prefix: int = 1) -> int:
@@ -309,6 +314,6 @@ def modalities_of(spec: Union[str, Sequence[str]]) -> List[str]:
 
 __all__ = [
     "MethodConfig", "Method", "REGISTRY", "register", "get_method_class", "config_from_dict", "make_config",
-    "select_layers", "map_layer", "hook_block", "hook_block_input", "patch_grid", "check_state_shapes", "modalities_of", "VISION", "TEXT",
+    "select_layers", "map_layer", "hook_block", "hook_block_input", "rewrite_block_input", "patch_grid", "check_state_shapes", "modalities_of", "VISION", "TEXT",
     "MODALITIES", "field",
 ]

@@ -8,7 +8,7 @@ The peft `PeftModel` of xmodal: `add_method` builds a method for this backbone,
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn

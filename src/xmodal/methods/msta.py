@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.backbones import context
-from xmodal.backbones.dual_encoder import TEXT, VISION
+from xmodal.backbones.dual_encoder import VISION
 from xmodal.errors import XModalError
 from xmodal.methods.base import Method, MethodConfig, hook_block, modalities_of, patch_grid, register, select_layers
 

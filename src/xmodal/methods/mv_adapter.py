@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.backbones import context
-from xmodal.backbones.dual_encoder import TEXT, VISION
+from xmodal.backbones.dual_encoder import VISION
 from xmodal.errors import XModalError
 from xmodal.methods.base import Method, MethodConfig, hook_block, modalities_of, register, select_layers
 

@@ -15,6 +15,8 @@ from typing import Callable, List
 import torch
 from torch import nn
 
+from xmodal.methods.base import rewrite_block_input
+
 PLACEHOLDER = "X"
 
 
@@ -22,13 +24,18 @@ def placeholder_prefix(n: int) -> str:
     return " ".join([PLACEHOLDER] * n)
 
 
+def splice(x: torch.Tensor, ctx: torch.Tensor, start: int, drop: int) -> torch.Tensor:
+    """x[:, start:start+drop] replaced by the context tokens (n, D), shared across the batch."""
+    ctx = ctx.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], ctx, x[:, start + drop:]], dim=1)
+
+
 def replace_text_embeddings(token_embedding: nn.Module, get_ctx: Callable[[], torch.Tensor]):
     """Forward hook on the token embedding: positions 1..n become the learned context (n, D)."""
 
     def hook(module, args, out):
-        ctx = get_ctx().to(out.dtype)
-        n = ctx.shape[0]
-        return torch.cat([out[:, :1], ctx.unsqueeze(0).expand(out.shape[0], -1, -1), out[:, 1 + n:]], dim=1)
+        ctx = get_ctx()
+        return splice(out, ctx, 1, ctx.shape[0])
 
     return [token_embedding.register_forward_hook(hook)]
 
@@ -36,26 +43,16 @@ def replace_text_embeddings(token_embedding: nn.Module, get_ctx: Callable[[], to
 def replace_tokens_at_block(block: nn.Module, get_ctx: Callable[[], torch.Tensor], start: int = 1):
     """Pre-hook: tokens start..start+n of the block input become the context (n, D)."""
 
-    def pre(module, args, kwargs):
-        x = args[0] if args else kwargs["q_x"]
-        ctx = get_ctx().to(x.dtype)
-        n = ctx.shape[0]
-        x = torch.cat([x[:, :start], ctx.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, start + n:]], dim=1)
-        return ((x, *args[1:]), kwargs) if args else (args, dict(kwargs, q_x=x))
+    def fn(x):
+        ctx = get_ctx()
+        return splice(x, ctx, start, ctx.shape[0])
 
-    return [block.register_forward_pre_hook(pre, with_kwargs=True)]
+    return rewrite_block_input(block, fn)
 
 
 def insert_tokens_at_block(block: nn.Module, get_ctx: Callable[[], torch.Tensor]):
     """Pre-hook: insert n context tokens after CLS (the first prompted vision block)."""
-
-    def pre(module, args, kwargs):
-        x = args[0] if args else kwargs["q_x"]
-        ctx = get_ctx().to(x.dtype)
-        x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-        return ((x, *args[1:]), kwargs) if args else (args, dict(kwargs, q_x=x))
-
-    return [block.register_forward_pre_hook(pre, with_kwargs=True)]
+    return rewrite_block_input(block, lambda x: splice(x, get_ctx(), 1, 0))
 
 
 def visual_prompt_hooks(blocks: nn.ModuleList, contexts: List[Callable[[], torch.Tensor]]):
