@@ -99,13 +99,41 @@ def test_msta_consistency_loss(tiny_backbone_factory):
     tokens = model.tokenize(captions)
     batch = {"desc_tokens": model.tokenize(desc).unsqueeze(1), "desc_mask": torch.ones(2, 1, dtype=torch.bool)}
     text = model.encode_text(tokens)
-    loss = model.method.extra_loss(model, batch, {"text_features": text})
+    loss = model.method.extra_loss(model, batch, {"text": text})
     assert loss.abs() < 1e-5  # identity at init: caption == its description under the frozen model
     _randomise(model)
     text = model.encode_text(tokens)
-    loss = model.method.extra_loss(model, batch, {"text_features": text})
+    loss = model.method.extra_loss(model, batch, {"text": text})
     assert loss > 1e-3
     loss.backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.method.text.parameters())
-    assert model.method.extra_loss(model, {}, {"text_features": text}) is None
+    assert model.method.extra_loss(model, {}, {"text": text}) is None
+
+
+def test_msta_consistency_loss_through_the_trainer(tiny_backbone_factory):
+    """The engine's outputs reach MSTA's L_CC: the trainer's loss = InfoNCE + alpha * L_CC."""
+    from xmodal.engine.config import TrainConfig
+    from xmodal.engine.heads import SimilarityHead
+    from xmodal.engine.loss import contrastive_loss
+    from xmodal.engine.train import Trainer
+
+    model = apply_method(tiny_backbone_factory(0), make_config("msta", start=0))
+    _randomise(model)
+    captions = ["the red circle moves left", "a blue square appears"]
+    desc = [["from second 1 the red circle moves to the left", "a red circle"], ["a blue square appears", ""]]
+    batch = {"tokens": model.tokenize(captions), "pixels": torch.randn(2, 2, 3, 32, 32),
+             "frame_mask": torch.ones(2, 2, dtype=torch.bool), "captions": captions,
+             "desc_tokens": torch.stack([model.tokenize(d) for d in desc]),
+             "desc_mask": torch.tensor([[True, True], [True, False]])}
+    head = SimilarityHead("mean")
+    trainer = Trainer(model, head, TrainConfig(lr=1e-3, device="cpu", precision="fp32", progress=False), 10)
+    with torch.no_grad():
+        total, _ = trainer.forward_loss(batch)
+        text, frames = model(batch["tokens"], batch["pixels"], batch["frame_mask"])
+        plain = contrastive_loss(text, frames, batch["frame_mask"], head, model.logit_scale).loss
+        l_cc = model.method.extra_loss(model, batch, {"text": text})
+    assert l_cc > 1e-3
+    assert float(total) == pytest.approx(float(plain + l_cc), rel=1e-5)
+    r = trainer.step([batch])  # and a full update runs with descriptions in the batch
+    assert r.loss == pytest.approx(float(total), rel=1e-4)

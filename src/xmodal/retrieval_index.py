@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -34,6 +34,16 @@ class Hit:
     id: str
     media: str
     score: float
+
+
+def index_meta(cfg, adapter: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
+    """What `xmodal search` needs to rebuild the query side: model, adapter, pooling head, word budget."""
+    return {
+        "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained, "seed": cfg.train.seed,
+        "adapter": str(Path(adapter).resolve()) if adapter else None,
+        "head": {"pooling": cfg.head.pooling, "temperature": cfg.head.temperature, "normalize": cfg.head.normalize},
+        "max_words": cfg.data.max_words, "dataset": cfg.data.dataset, "split": cfg.data.eval_split,
+    }
 
 
 class GalleryIndex:

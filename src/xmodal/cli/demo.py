@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.engine.evaluate import encode_eval_set, evaluate
     from xmodal.engine.train import build_data, fit, head_from_config
     from xmodal.methods import AdaptedModel
-    from xmodal.retrieval_index import GalleryIndex
+    from xmodal.retrieval_index import GalleryIndex, index_meta
 
     t0 = time.time()
     out = Path(args.out)
@@ -104,25 +104,28 @@ def run(args: argparse.Namespace) -> int:
     _, frames, mask = encode_eval_set(model, [], data.eval.visuals, **eval_kw)
     ids = [it.id for it in data.eval.items]
     media = [it.media for it in data.eval.items]
-    index = GalleryIndex(frames, mask, ids, media, meta={"backbone": cfg.model.backbone,
-                                                        "adapter": str(run_dir / "best"),
-                                                        "pooling": cfg.head.pooling})
+    index = GalleryIndex(frames, mask, ids, media, meta=index_meta(cfg, run_dir / "best"))
     index.save(out / "index")
     query = args.query or data.eval.texts[0]
     from xmodal.encoding import encode_texts
 
     text = encode_texts(model, [query], max_words=cfg.data.max_words, progress=False)
-    hits = index.search(text, k=5, rerank=head)[0]
+    ranked = index.search(text, k=len(ids), rerank=head)[0]
+    hits = ranked[:5]
     truth = None if args.query else ids[int(data.eval.text_to_visual[0])]
     print(f'query: "{query}"')
     for h in hits:
         mark = "  <- ground truth" if h.id == truth else ""
         print(f"  {h.rank}. {h.id}  score {h.score:.3f}  {h.media}{mark}")
+    truth_rank = next((h.rank for h in ranked if h.id == truth), None)
+    if truth is not None and truth_rank is not None and truth_rank > 5:
+        print(f"  (the ground-truth clip {truth} is ranked {truth_rank} of {len(ids)})")
 
     summary = {"zero_shot": zero_shot, "adapted": adapted, "trainable": trainable,
                "method": cfg.method, "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained,
                "best_epoch": result.best_epoch, "adapter_bytes": adapter_bytes,
-               "query": query, "top5": [h.__dict__ for h in hits], "seconds": round(time.time() - t0, 1)}
+               "query": query, "top5": [h.__dict__ for h in hits], "ground_truth": truth,
+               "ground_truth_rank": truth_rank, "seconds": round(time.time() - t0, 1)}
     write_text_atomic(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "demo_table.txt", table + "\n")
     print(f"\ndone in {time.time() - t0:.0f} s; summary in {out / 'demo_summary.json'}")

@@ -11,7 +11,6 @@ pooling head, word budget).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from xmodal.cli.eval import _config, add_model_data_args
 
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.engine.evaluate import encode_eval_set
     from xmodal.engine.train import build_data
     from xmodal.methods import AdaptedModel
-    from xmodal.retrieval_index import GalleryIndex
+    from xmodal.retrieval_index import GalleryIndex, index_meta
 
     cfg = _config(args)
     model = AdaptedModel(create_backbone(cfg.model.backbone, cfg.model.pretrained, cache_dir=cfg.model.cache_dir,
@@ -39,12 +38,7 @@ def run(args: argparse.Namespace) -> int:
     data = build_data(cfg, model, need_train=False)
     _, frames, mask = encode_eval_set(model, [], data.eval.visuals, collate_fn=data.collate,
                                       batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
-    meta = {
-        "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained, "seed": cfg.train.seed,
-        "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
-        "head": {"pooling": cfg.head.pooling, "temperature": cfg.head.temperature, "normalize": cfg.head.normalize},
-        "max_words": cfg.data.max_words, "dataset": cfg.data.dataset, "split": cfg.data.eval_split,
-    }
+    meta = index_meta(cfg, args.adapter)
     items = data.eval.items
     out = GalleryIndex(frames, mask, [it.id for it in items], [it.media for it in items], meta).save(args.out)
     print(f"indexed {len(items)} items ({frames.shape[1]} frames each, dim {frames.shape[2]}) -> {out}")

@@ -145,7 +145,7 @@ class MSTA(Method):
         b, k, length = desc.shape
         with torch.no_grad(), model.disable_adapters():
             frozen = model.backbone.encode_text(desc[mask])
-        text = outputs["text_features"]
+        text = outputs["text"]  # the engine's outputs: text, frames, frame_mask, loss, head
         row = torch.arange(b, device=desc.device).unsqueeze(1).expand(b, k)[mask]
         cos = F.cosine_similarity(text[row].float(), frozen.float(), dim=-1)
         per_item = torch.zeros(b, device=text.device).index_add_(0, row, 1 - cos)

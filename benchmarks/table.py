@@ -1,0 +1,504 @@
+"""The paper-style results table on the generated world, with seeds, ablations and a chart.
+
+    python benchmarks/table.py                    # the README's table (2-core CPU protocol)
+    python benchmarks/table.py --quick            # smoke run: 1 seed, 2 updates, 3 methods
+
+Rows: zero-shot, then every registered method with its default config, trained on both
+downstream sets of `xmodal.synth` (the video-text set whose captions describe event order,
+and the shifted image-text set) from the project's own small CLIP (xmodal-tiny,
+pretrained="xmodal"), `--seeds` seeds each (method initialisation + data order); cells are
+mean +- sample std over seeds. Columns: trainable parameters, R@1/5/10, MdR, MnR both
+directions on the test split, and step time / peak memory measured side by side by
+`train_speed.py` at the same batch shape (ratios to full fine-tuning).
+
+Ablations (video set, same protocol): the Cross-Modal Adapter's d_s sweep, what is shared
+(up / down / both), where adapters sit (attn / ffn / both), sequential vs parallel; the
+MV-Adapter's temporal adaptation (none / without calibration / full) and CMT on/off.
+
+Every training run writes `OUT/runs/<set>/<row>/seed<k>.json` when it finishes, so an
+interrupted table resumes where it stopped (pass --force to retrain). The final evaluation
+is the last epoch's (no model selection on the test split). Outputs: `OUT/table.md`,
+`OUT/table.json`, `OUT/table.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+CORE_ORDER = ["full_finetune", "partial", "projection", "uni_adapter", "cross_modal_adapter"]
+BACKBONE_LR_METHODS = {"full_finetune", "partial"}   # update pretrained weights: a smaller lr
+COLS = ("R@1", "R@5", "R@10", "MdR", "MnR")
+SETS = {  # name -> what the rows call its two directions
+    "video": ("t2v", "v2t"),
+    "image": ("t2i", "i2t"),
+}
+
+
+# ------------------------------------------------------------------------ rows
+@dataclass(frozen=True)
+class Row:
+    """One table row: a method and the options that differ from its defaults."""
+
+    label: str
+    method: Optional[str]                      # None: zero-shot
+    options: Tuple[Tuple[str, Any], ...] = ()
+    group: str = "main"                        # main | an ablation's name
+
+    @property
+    def slug(self) -> str:
+        if self.method is None:
+            return "zero_shot"
+        opts = "".join(f"-{k}={_fmt_opt(v)}" for k, v in self.options)
+        return f"{self.method}{opts}"
+
+
+def _fmt_opt(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def main_rows(methods: Optional[Sequence[str]] = None) -> List[Row]:
+    """Zero-shot, the paper's rows in its order, then every other registered method."""
+    from xmodal.methods import list_methods
+
+    registered = list_methods()
+    chosen = registered if methods is None else list(methods)
+    unknown = [m for m in chosen if m not in registered]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; registered: {registered}")
+    ordered = [m for m in CORE_ORDER if m in chosen] + sorted(m for m in chosen if m not in CORE_ORDER)
+    return [Row("zero-shot", None)] + [Row(m, m) for m in ordered]
+
+
+def ablation_rows() -> List[Row]:
+    """The papers' ablations; the default setting of each axis is its main-table run."""
+    cma, mva = "cross_modal_adapter", "mv_adapter"
+    rows = []
+    for d_s in (0, 8, 16, 32, 64):
+        rows.append(Row(f"d_s={d_s}" + (" (uni-modal)" if d_s == 0 else ""), cma,
+                        () if d_s == 16 else (("d_s", d_s),), "CMA: shared dimension d_s"))
+    for share in ("up", "down", "both"):
+        rows.append(Row(f"share {share}", cma, () if share == "up" else (("share", share),), "CMA: what is shared"))
+    for pos in ("attn", "ffn", "both"):
+        rows.append(Row(f"after {pos}", cma, () if pos == "both" else (("positions", pos),), "CMA: position"))
+    for form in ("sequential", "parallel"):
+        rows.append(Row(form, cma, () if form == "sequential" else (("form", form),), "CMA: form"))
+    for temporal in ("none", "no_calibration", "full"):
+        rows.append(Row(f"temporal {temporal}", mva, () if temporal == "full" else (("temporal", temporal),),
+                        "MV-Adapter: temporal adaptation"))
+    rows.append(Row("CMT off", mva, (("cmt", False),), "MV-Adapter: cross modality tying"))
+    rows.append(Row("CMT on", mva, (), "MV-Adapter: cross modality tying"))
+    return rows
+
+
+# --------------------------------------------------------------------- protocol
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", default="benchmarks/results/table", help="results folder (table.md/.json/.png, runs/)")
+    p.add_argument("--work", default="table_work", help="generated data, frame cache and run directories")
+    p.add_argument("--backbone", default="xmodal-tiny")
+    p.add_argument("--pretrained", default="xmodal", help="'xmodal' = the packaged weights; 'none' = random")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--sets", default="video,image", help="which downstream sets (video, image)")
+    p.add_argument("--methods", default="all", help="comma-separated methods for the main table, or 'all'")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--videos", type=int, default=800, help="clips generated (train + test)")
+    p.add_argument("--images", type=int, default=1200, help="images generated (train + test)")
+    p.add_argument("--test", type=int, default=200, help="test items of each set")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated world")
+    p.add_argument("--frames", type=int, default=4, help="frames per clip (video set)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--video-steps", type=int, default=12, help="updates per epoch on the video set (0: full epoch)")
+    p.add_argument("--image-steps", type=int, default=24, help="updates per epoch on the image set (0: full epoch)")
+    p.add_argument("--lr", type=float, default=1e-3, help="lr of the parameter-efficient methods")
+    p.add_argument("--backbone-lr", type=float, default=1e-4, help="lr of full fine-tuning and partial")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--speed-steps", type=int, default=1, help="train_speed.py: measured steps per round")
+    p.add_argument("--speed-rounds", type=int, default=2, help="train_speed.py: interleaved rounds")
+    p.add_argument("--no-speed", action="store_true", help="skip the step-time/peak-memory columns")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    p.add_argument("--force", action="store_true", help="retrain runs that already have a result")
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's directory (checkpoints, metrics.csv)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table.md/.json/.png from OUT/runs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: seed 0, 2 updates, zero-shot + projection + cross_modal_adapter, 48/40 items")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.video_steps, args.image_steps = "0", 2, 2
+        args.videos, args.images, args.test, args.batch = 48, 40, 16, 8
+        if args.methods == "all":
+            args.methods = "projection,cross_modal_adapter"
+        args.no_ablations = True
+        args.speed_rounds = 1
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.set_list = [s.strip() for s in args.sets.split(",") if s.strip()]
+    bad = [s for s in args.set_list if s not in SETS]
+    if bad or not args.set_list:
+        p.error(f"--sets: expected names from {sorted(SETS)}, got {args.sets!r}")
+    if not args.seed_list:
+        p.error("--seeds: expected at least one seed")
+    return args
+
+
+def protocol(args: argparse.Namespace) -> Dict[str, Any]:
+    """What every run shares; stored with each result so that a changed protocol is not mixed in."""
+    return {"backbone": args.backbone, "pretrained": args.pretrained, "videos": args.videos, "images": args.images,
+            "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
+            "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
+            "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision}
+
+
+# ------------------------------------------------------------------------- data
+def prepare_data(args: argparse.Namespace) -> Dict[str, Path]:
+    """Generate the two downstream sets (reused when already there) and cache the videos' frames."""
+    from xmodal.synth.world import read_jsonl, write_shifted_images, write_video_set
+
+    work = Path(args.work)
+    roots = {}
+    for name in args.set_list:
+        root = work / "data" / f"{name}-n{args.videos if name == 'video' else args.images}-s{args.data_seed}"
+        n = args.videos if name == "video" else args.images
+        marker = root / "synth.json"
+        if not marker.is_file():
+            print(f"generating the {name} set: {n} items ({args.test} test) -> {root}")
+            writer = write_video_set if name == "video" else write_shifted_images
+            writer(root, n=n, n_test=args.test, seed=args.data_seed)
+        roots[name] = root
+    if "video" in roots:
+        from xmodal.data.frame_cache import extract_frames
+
+        root = roots["video"]
+        items = [{"id": r["id"], "media": str(root / r["video"])}
+                 for split in ("train", "test") for r in read_jsonl(root / f"{split}.jsonl")]
+        extract_frames(items, work / "frames" / root.name, fps=1.0, fmt="npy", size=0, progress=True,
+                       bench_clips=0)
+    return roots
+
+
+def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, seed: int):
+    from xmodal.engine.config import DataConfig, EvalConfig, HeadConfig, ModelConfig, RunConfig, TrainConfig
+
+    video = set_name == "video"
+    steps = args.video_steps if video else args.image_steps
+    lr = args.backbone_lr if row.method in BACKBONE_LR_METHODS else args.lr
+    return RunConfig(
+        data=DataConfig(dataset="jsonl", root=str(root), num_frames=args.frames if video else 1, max_words=32,
+                        num_workers=0, frame_cache=str(Path(args.work) / "frames" / root.name) if video else None),
+        model=ModelConfig(backbone=args.backbone, pretrained=None if args.pretrained == "none" else args.pretrained),
+        method={"name": row.method or "none (zero-shot: evaluated, never trained)", **dict(row.options)},
+        head=HeadConfig(pooling="text_conditioned" if video else "mean"),
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=lr, device=args.device,
+                          precision=args.precision, seed=seed, max_steps_per_epoch=steps or None, progress=False,
+                          tensorboard=False, eval_every=0, log_every=10**9),
+        eval=EvalConfig(batch_size=64),
+        output_dir=str(Path(args.work) / "runs" / set_name / row.slug / f"seed{seed}"))
+
+
+def result_path(args: argparse.Namespace, set_name: str, row: Row, seed: int) -> Path:
+    return Path(args.out) / "runs" / set_name / row.slug / f"seed{seed}.json"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from xmodal.engine.config import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, seed: int) -> Dict[str, Any]:
+    """Train (or, for zero-shot, only evaluate) one row with one seed; the result record."""
+    from xmodal.backbones.factory import create_backbone
+    from xmodal.engine.evaluate import evaluate
+    from xmodal.engine.train import build_data, fit, head_from_config, seed_everything
+    from xmodal.methods import AdaptedModel, apply_method
+
+    cfg = run_config(args, set_name, root, row, seed)
+    t0 = time.time()
+    if row.method is None:
+        model = AdaptedModel(create_backbone(cfg.model.backbone, cfg.model.pretrained, seed=seed))
+        data = build_data(cfg, model, need_train=False)
+        metrics = evaluate(model, data.eval, head_from_config(cfg.head), collate_fn=data.collate,
+                           max_words=cfg.data.max_words, batch_size=cfg.eval.batch_size, progress=False)
+        trainable, total = 0, model.parameter_counts()[1]
+        extra = {}
+    else:
+        seed_everything(seed)  # as fit() would before building the model itself
+        model = apply_method(create_backbone(cfg.model.backbone, cfg.model.pretrained, seed=seed),
+                             cfg.method_config())
+        trainable, total = model.parameter_counts()
+        result = fit(cfg, cfg.output_dir, model=model, log=lambda msg: None)
+        metrics = result.final_metrics
+        extra = {"updates": result.global_step, "first_loss": result.step_losses[0],
+                 "last_loss": result.step_losses[-1]}
+        if not args.keep_runs:  # the record below is what the table needs; checkpoints are large
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return {"set": set_name, "row": row.label, "group": row.group, "method": row.method or "zero_shot",
+            "options": dict(row.options), "seed": seed, "trainable": trainable, "total": total,
+            "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1),
+            "protocol": protocol(args), **extra}
+
+
+# ------------------------------------------------------------------------ speed
+def measure_speed(args: argparse.Namespace, set_name: str, methods: List[str]) -> Dict[str, Any]:
+    """train_speed.py's interleaved step time and peak memory at this set's batch shape."""
+    sys.path.insert(0, str(HERE))
+    import train_speed
+
+    argv = ["--device", "cpu" if args.device == "auto" and not train_speed._cuda() else
+            ("cuda" if args.device == "auto" else args.device),
+            "--backbone", args.backbone, "--batch", str(args.batch),
+            "--frames", str(args.frames if set_name == "video" else 1), "--steps", str(args.speed_steps),
+            "--rounds", str(args.speed_rounds), "--methods", ",".join(methods), "--mem-steps", "1",
+            "--precision", args.precision, "--pooling", "text_conditioned" if set_name == "video" else "mean"]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.no_memory:
+        argv.append("--no-memory")
+    report = train_speed.measure(train_speed.parse_args(argv))
+    print(train_speed.format_table(report))
+    report["shape"] = speed_shape(args, set_name)
+    return report
+
+
+def speed_shape(args: argparse.Namespace, set_name: str) -> Dict[str, Any]:
+    return {"backbone": args.backbone, "batch": args.batch, "frames": args.frames if set_name == "video" else 1,
+            "precision": args.precision, "memory": not args.no_memory}
+
+
+# ---------------------------------------------------------------------- summary
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarize(records: List[Dict[str, Any]], rows: List[Row], set_name: str,
+              speed: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per-row mean/std over seeds (rows without any finished run are left out)."""
+    from xmodal.engine.evaluate import METRIC_KEYS
+
+    out = []
+    for row in rows:
+        mine = [r for r in records if r["set"] == set_name and r["row_slug"] == row.slug]
+        if not mine:
+            continue
+        entry = {"row": row.label, "slug": row.slug, "group": row.group, "method": row.method or "zero_shot",
+                 "options": dict(row.options), "seeds": sorted(r["seed"] for r in mine),
+                 "trainable": mine[0]["trainable"], "total": mine[0]["total"], "metrics": {}}
+        for key in METRIC_KEYS:
+            m, s = mean_std([r["metrics"][key] for r in mine])
+            entry["metrics"][key] = {"mean": m, "std": s}
+        res = (speed or {}).get("results", {}).get(row.method or "", None) if row.group == "main" else None
+        if res:
+            entry["step_ms"] = res["step_ms_median"]
+            entry["step_time_ratio"] = res["step_time_ratio"]
+            if "peak_mb" in res:
+                entry["peak_mb"] = res["peak_mb"]
+                entry["peak_memory_ratio"] = res["peak_memory_ratio"]
+        out.append(entry)
+    return out
+
+
+def _cell(stat: Dict[str, float], digits: int = 1) -> str:
+    if stat["std"] == 0:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _label(e: Dict[str, Any], n_seeds: int) -> str:
+    """Row label; a row with fewer finished seeds than asked for says how many it has."""
+    k = len(e["seeds"])
+    return e["row"] if e["method"] == "zero_shot" or k == n_seeds else f"{e['row']} ({k} of {n_seeds} seeds)"
+
+
+def markdown_table(entries: List[Dict[str, Any]], set_name: str, with_speed: bool, n_seeds: int) -> str:
+    fwd, bwd = SETS[set_name]
+    head = ["method", "trainable", "%"] + [f"{fwd} {c}" for c in COLS] + [f"{bwd} {c}" for c in COLS]
+    if with_speed:
+        head += ["step ms (×FT)", "peak MB (×FT)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        pct = 100 * e["trainable"] / e["total"] if e["total"] else 0.0
+        cells = [_label(e, n_seeds), f"{e['trainable']:,}", f"{pct:.3g}"]
+        cells += [_cell(e["metrics"][f"{d}/{c}"]) for d in ("t2v", "v2t") for c in COLS]
+        if with_speed:
+            cells.append(f"{e['step_ms']:.0f} ({e['step_time_ratio']:.2f})" if "step_ms" in e else "-")
+            cells.append(f"{e['peak_mb']:.0f} ({e['peak_memory_ratio']:.2f})" if "peak_mb" in e else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_markdown(entries: List[Dict[str, Any]], n_seeds: int) -> str:
+    head = ["ablation", "setting", "trainable"] + [f"t2v {c}" for c in COLS] + [f"v2t {c}" for c in COLS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [e["group"], _label(e, n_seeds), f"{e['trainable']:,}"]
+        cells += [_cell(e["metrics"][f"{d}/{c}"]) for d in ("t2v", "v2t") for c in COLS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(tables: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
+    """R@1 of every main-table row, both directions, both sets, with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from xmodal.engine.plot import _save
+
+    fig, axes = plt.subplots(len(tables), 1, figsize=(12, 3.6 * len(tables)), squeeze=False)
+    for ax, (set_name, entries) in zip(axes[:, 0], tables.items()):
+        x = np.arange(len(entries))
+        for k, (d, name) in enumerate(zip(("t2v", "v2t"), SETS[set_name])):
+            means = [e["metrics"][f"{d}/R@1"]["mean"] for e in entries]
+            stds = [e["metrics"][f"{d}/R@1"]["std"] for e in entries]
+            ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=2, label=f"{name} R@1")
+        ax.set_xticks(x, [e["row"] for e in entries], rotation=35, ha="right")
+        ax.set_ylabel("R@1 (%)")
+        ax.set_title(f"{set_name} set (mean ± std over seeds)")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def load_records(out: Path, proto: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Finished runs of this protocol (results of another protocol in OUT/runs are ignored)."""
+    records = []
+    for f in sorted((out / "runs").glob("*/*/seed*.json")):
+        rec = json.loads(f.read_text())
+        if rec.get("protocol") == proto:
+            rec["row_slug"] = f.parent.name
+            records.append(rec)
+    return records
+
+
+def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row],
+                 speed: Dict[str, Dict[str, Any]], seconds: Optional[float]) -> Dict[str, Any]:
+    out = Path(args.out)
+    proto = protocol(args)
+    records = load_records(out, proto)
+    tables = {s: summarize(records, rows, s, speed.get(s)) for s in args.set_list}
+    abl = summarize(records, ablations, "video", None) if ablations and "video" in args.set_list else []
+    argv = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that produced the runs
+    command = " ".join(["python benchmarks/table.py", shlex.join(argv)]).strip()
+    import torch
+
+    report = {"protocol": proto, "seeds": args.seed_list, "command": command,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "seconds": seconds, "tables": tables, "ablations": abl,
+              "speed": {s: {k: v for k, v in r.items() if k != "results"} for s, r in speed.items()}}
+    md = [f"Generated world, backbone {args.backbone} (pretrained={args.pretrained}); "
+          f"{len(args.seed_list)} seed(s) {args.seed_list}, mean ± sample std; "
+          f"R@K in %, ranks 1-based. Command: `{command}`", ""]
+    for s, entries in tables.items():
+        n_items = args.videos if s == "video" else args.images
+        md += [f"### {s} set ({n_items - args.test} train / {args.test} test"
+               + (f", {args.frames} frames per clip" if s == "video" else "") + ")", "",
+               markdown_table(entries, s, with_speed=s in speed, n_seeds=len(args.seed_list)), ""]
+    if abl:
+        md += ["### ablations (video set)", "", ablation_markdown(abl, len(args.seed_list)), ""]
+    from xmodal.engine.config import write_text_atomic
+
+    write_text_atomic(out / "table.md", "\n".join(md))
+    _write_json(out / "table.json", report)
+    if any(tables.values()):
+        bar_chart({s: e for s, e in tables.items() if e}, out / "table.png")
+    return report
+
+
+# ------------------------------------------------------------------------- main
+def run_order(args: argparse.Namespace, rows: List[Row], ablations: List[Row]) -> List[Tuple[str, Row, int]]:
+    """Seed-major: every row of seed 0 first, so a table stopped early has whole rows.
+
+    Zero-shot is deterministic and runs once per set; an ablation setting that is a
+    main-table configuration (the default of its axis) is not trained twice.
+    """
+    jobs = []
+    main_slugs = {r.slug for r in rows}
+    extra = list({r.slug: r for r in ablations if r.slug not in main_slugs}.values())
+    for k, seed in enumerate(args.seed_list):
+        for s in args.set_list:
+            jobs += [(s, row, seed) for row in rows if row.method is not None or k == 0]
+        if "video" in args.set_list:
+            jobs += [("video", row, seed) for row in extra]
+    return jobs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = main_rows(methods)
+    ablations = [] if args.no_ablations else ablation_rows()
+    out = Path(args.out)
+    speed_file = out / "speed.json"
+    speed: Dict[str, Dict[str, Any]] = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
+    failures: List[str] = []
+    if not args.report_only:
+        roots = prepare_data(args)
+        if not args.no_speed:
+            names = [r.method for r in rows if r.method]
+            for s in args.set_list:
+                if args.force or s not in speed or speed[s].get("shape") != speed_shape(args, s) \
+                        or not set(names) <= set(speed[s].get("results", {})):
+                    speed[s] = measure_speed(args, s, names)
+                    _write_json(speed_file, speed)
+        from tqdm.auto import tqdm
+
+        jobs = run_order(args, rows, ablations)
+        bar = tqdm(jobs, desc="table runs", unit="run", dynamic_ncols=True)
+        done_seed, failures = None, []
+        for set_name, row, seed in bar:
+            if done_seed is not None and seed != done_seed:  # a whole seed is in: refresh the report
+                write_report(args, rows, ablations, speed, None)
+                done_seed, failures = None, []
+            path = result_path(args, set_name, row, seed)
+            if path.is_file() and not args.force and json.loads(path.read_text()).get("protocol") == protocol(args):
+                continue
+            bar.set_postfix_str(f"{set_name} {row.slug} seed {seed}")
+            try:
+                rec = train_one(args, set_name, roots[set_name], row, seed)
+            except Exception as exc:  # one broken configuration must not cost the others' hours
+                failures.append(f"{set_name} {row.slug} seed {seed}: {type(exc).__name__}: {exc}")
+                tqdm.write(f"FAILED {failures[-1]}")
+                continue
+            _write_json(path, rec)
+            done_seed = seed
+            tqdm.write(f"{set_name:<6}{row.slug:<44}seed {seed}: t2v R@1 {rec['metrics']['t2v/R@1']:5.1f} "
+                       f"v2t R@1 {rec['metrics']['v2t/R@1']:5.1f} ({rec['seconds']:.0f} s)")
+    report = write_report(args, rows, ablations, speed, round(time.time() - t0, 1))
+    print((out / "table.md").read_text())
+    print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
+    if failures:
+        print(f"{len(failures)} run(s) failed (rerun to retry them):\n  " + "\n  ".join(failures), file=sys.stderr)
+    return 0 if report["tables"] and not failures else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
