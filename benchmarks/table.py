@@ -355,7 +355,7 @@ def ablation_markdown(entries: List[Dict[str, Any]], n_seeds: int) -> str:
 
 
 def bar_chart(tables: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
-    """R@1 of every main-table row, both directions, both sets, with std error bars."""
+    """R@1 and R@10 of every main-table row, both directions, both sets, with std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,17 +364,25 @@ def bar_chart(tables: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
 
     from xmodal.engine.plot import _save
 
-    fig, axes = plt.subplots(len(tables), 1, figsize=(12, 3.6 * len(tables)), squeeze=False)
+    series = [(d, c) for c in ("R@1", "R@10") for d in ("t2v", "v2t")]
+    width = 0.8 / len(series)
+    colours = ["#1f77b4", "#ff7f0e", "#9ecae1", "#fdbe85"]
+    fig, axes = plt.subplots(len(tables), 1, figsize=(13, 3.8 * len(tables)), squeeze=False)
     for ax, (set_name, entries) in zip(axes[:, 0], tables.items()):
         x = np.arange(len(entries))
-        for k, (d, name) in enumerate(zip(("t2v", "v2t"), SETS[set_name])):
-            means = [e["metrics"][f"{d}/R@1"]["mean"] for e in entries]
-            stds = [e["metrics"][f"{d}/R@1"]["std"] for e in entries]
-            ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=2, label=f"{name} R@1")
+        names = dict(zip(("t2v", "v2t"), SETS[set_name]))
+        for k, (d, c) in enumerate(series):
+            means = [e["metrics"][f"{d}/{c}"]["mean"] for e in entries]
+            stds = [e["metrics"][f"{d}/{c}"]["std"] for e in entries]
+            ax.bar(x + (k - (len(series) - 1) / 2) * width, means, width, yerr=stds, capsize=1.5,
+                   color=colours[k], label=f"{names[d]} {c}")
+        top = max(e["metrics"][f"{d}/{c}"]["mean"] + e["metrics"][f"{d}/{c}"]["std"] for e in entries
+                  for d, c in series)
+        ax.set_ylim(0, 1.2 * top + 1)  # room for the legend above the bars
         ax.set_xticks(x, [e["row"] for e in entries], rotation=35, ha="right")
-        ax.set_ylabel("R@1 (%)")
+        ax.set_ylabel("recall (%)")
         ax.set_title(f"{set_name} set (mean ± std over seeds)")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8, ncol=4)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -473,11 +481,11 @@ def main(argv=None) -> int:
 
         jobs = run_order(args, rows, ablations)
         bar = tqdm(jobs, desc="table runs", unit="run", dynamic_ncols=True)
-        done_seed, failures = None, []
+        done_seed = None
         for set_name, row, seed in bar:
             if done_seed is not None and seed != done_seed:  # a whole seed is in: refresh the report
                 write_report(args, rows, ablations, speed, None)
-                done_seed, failures = None, []
+                done_seed = None
             path = result_path(args, set_name, row, seed)
             if path.is_file() and not args.force and json.loads(path.read_text()).get("protocol") == protocol(args):
                 continue
