@@ -15,7 +15,7 @@ Ablations (video set, same protocol): the Cross-Modal Adapter's d_s sweep, what 
 (up / down / both), where adapters sit (attn / ffn / both), sequential vs parallel; the
 MV-Adapter's temporal adaptation (none / without calibration / full) and CMT on/off.
 
-Every training run writes `OUT/runs/<set>/<row>/seed<k>.json` when it finishes, so an
+Every training run writes `OUT/records/<set>/<row>/seed<k>.json` when it finishes, so an
 interrupted table resumes where it stopped (pass --force to retrain). The final evaluation
 is the last epoch's (no model selection on the test split). Outputs: `OUT/table.md`,
 `OUT/table.json`, `OUT/table.png`.
@@ -106,7 +106,7 @@ def ablation_rows() -> List[Row]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", default="benchmarks/results/table", help="results folder (table.md/.json/.png, runs/)")
+    p.add_argument("--out", default="benchmarks/results/table", help="results folder (table.md/.json/.png, records/)")
     p.add_argument("--work", default="table_work", help="generated data, frame cache and run directories")
     p.add_argument("--backbone", default="xmodal-tiny")
     p.add_argument("--pretrained", default="xmodal", help="'xmodal' = the packaged weights; 'none' = random")
@@ -134,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     p.add_argument("--force", action="store_true", help="retrain runs that already have a result")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's directory (checkpoints, metrics.csv)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild table.md/.json/.png from OUT/runs")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table.md/.json/.png from OUT/records")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: seed 0, 2 updates, zero-shot + projection + cross_modal_adapter, 48/40 items")
     args = p.parse_args(argv)
@@ -210,7 +210,7 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
 
 
 def result_path(args: argparse.Namespace, set_name: str, row: Row, seed: int) -> Path:
-    return Path(args.out) / "runs" / set_name / row.slug / f"seed{seed}.json"
+    return Path(args.out) / "records" / set_name / row.slug / f"seed{seed}.json"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -392,9 +392,9 @@ def bar_chart(tables: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
 
 
 def load_records(out: Path, proto: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Finished runs of this protocol (results of another protocol in OUT/runs are ignored)."""
+    """Finished runs of this protocol (results of another protocol in OUT/records are ignored)."""
     records = []
-    for f in sorted((out / "runs").glob("*/*/seed*.json")):
+    for f in sorted((out / "records").glob("*/*/seed*.json")):
         rec = json.loads(f.read_text())
         if rec.get("protocol") == proto:
             rec["row_slug"] = f.parent.name

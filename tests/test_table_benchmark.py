@@ -67,7 +67,7 @@ def test_table_end_to_end_resumes_and_reports(table, tmp_path, capsys):
     argv = ARGS + ["--out", str(out), "--work", str(work)]
     assert table.main(argv) == 0
 
-    runs = sorted((out / "runs").glob("*/*/seed*.json"))
+    runs = sorted((out / "records").glob("*/*/seed*.json"))
     # zero-shot once per set, 2 methods x 2 seeds per set
     assert len(runs) == 2 * (1 + 2 * 2)
     report = json.loads((out / "table.json").read_text())
@@ -76,7 +76,7 @@ def test_table_end_to_end_resumes_and_reports(table, tmp_path, capsys):
     assert list(video) == ["zero_shot", "projection", "cross_modal_adapter"]
 
     # cells are mean / sample std of the per-seed records
-    recs = [json.loads(p.read_text()) for p in (out / "runs" / "video" / "cross_modal_adapter").glob("seed*.json")]
+    recs = [json.loads(p.read_text()) for p in (out / "records" / "video" / "cross_modal_adapter").glob("seed*.json")]
     vals = [r["metrics"]["t2v/R@1"] for r in recs]
     cell = video["cross_modal_adapter"]["metrics"]["t2v/R@1"]
     assert cell["mean"] == pytest.approx(statistics.fmean(vals))
@@ -108,6 +108,6 @@ def test_table_end_to_end_resumes_and_reports(table, tmp_path, capsys):
     # a changed protocol does not reuse the old records
     assert table.main(ARGS + ["--no-speed", "--sets", "image", "--out", str(out), "--work", str(work),
                                    "--lr", "0.002"]) == 0
-    image_runs = sorted((out / "runs" / "image").glob("*/seed*.json"))
+    image_runs = sorted((out / "records" / "image").glob("*/seed*.json"))
     assert all(p.stat().st_mtime_ns != stamps[p] for p in image_runs)
     assert all(json.loads(p.read_text())["protocol"]["lr"] == 0.002 for p in image_runs)
