@@ -1,7 +1,19 @@
 """The paper-style results table on the generated world, with seeds, ablations and a chart.
 
-    python benchmarks/table.py                    # the README's table (2-core CPU protocol)
-    python benchmarks/table.py --quick            # smoke run: 1 seed, 2 updates, 3 methods
+    python benchmarks/table.py --curves                         # 1. loss curves -> OUT/curves.{json,png}
+    python benchmarks/table.py --budget-from benchmarks/results/table/curves.json   # 2. the table there
+    python benchmarks/table.py --budget-from ... --device cuda --precision bf16     # same on one GPU
+    python benchmarks/table.py --quick                          # smoke run: 1 seed, 2 updates, 3 methods
+
+The budget is read off the training curves, not the clock: `--curves` trains every main
+method once (seed 0) for `--curve-epochs` full epochs, logs every update's loss and finds
+each method's plateau (the first update after which the smoothed loss stays within 5 % of
+its total decrease from the final level); the recommended budget is the slowest method's
+plateau, rounded up to whole epochs, and `--budget-from` runs the table at it.
+
+Seeds: the seed claims' methods (`SEEDED_METHODS`: full fine-tuning, partial, projection,
+the Cross-Modal Adapter, the uni-modal adapter, MV-Adapter, MSTA, and their ablations)
+get every seed of `--seeds`; every other method gets the first seed only (the table says so).
 
 Rows: zero-shot, then every registered method with its default config, trained on both
 downstream sets of `xmodal.synth` (the video-text set whose captions describe event order,
@@ -13,7 +25,12 @@ directions on the test split, and step time / peak memory measured side by side 
 
 Ablations (video set, same protocol): the Cross-Modal Adapter's d_s sweep, what is shared
 (up / down / both), where adapters sit (attn / ffn / both), sequential vs parallel; the
-MV-Adapter's temporal adaptation (none / without calibration / full) and CMT on/off.
+MV-Adapter's temporal adaptation (none / without calibration / full) and CMT on/off; MSTA's
+consistency loss on/off. Every trained video-set model is also evaluated on the order
+subset (`test_order`: groups of clips that differ only in event order).
+
+Claims C1-C5 of the seed papers get a verdict computed from the records (`claims`):
+"reproduced", "not reproduced", or "inconclusive (difference < 2 × pooled std)".
 
 Every training run writes `OUT/records/<set>/<row>/seed<k>.json` when it finishes, so an
 interrupted table resumes where it stopped (pass --force to retrain). The final evaluation
@@ -38,6 +55,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 CORE_ORDER = ["full_finetune", "partial", "projection", "uni_adapter", "cross_modal_adapter"]
+#: methods the claims are about: every seed; every other method runs the first seed only
+SEEDED_METHODS = {"full_finetune", "partial", "projection", "cross_modal_adapter", "uni_adapter", "mv_adapter", "msta"}
+ORDER_SPLIT = "test_order"
 BACKBONE_LR_METHODS = {"full_finetune", "partial"}   # update pretrained weights: a smaller lr
 COLS = ("R@1", "R@5", "R@10", "MdR", "MnR")
 SETS = {  # name -> what the rows call its two directions
@@ -99,7 +119,16 @@ def ablation_rows() -> List[Row]:
                         "MV-Adapter: temporal adaptation"))
     rows.append(Row("CMT off", mva, (("cmt", False),), "MV-Adapter: cross modality tying"))
     rows.append(Row("CMT on", mva, (), "MV-Adapter: cross modality tying"))
+    rows.append(Row("consistency off", "msta", (("consistency_weight", 0.0),), "MSTA: consistency loss"))
+    rows.append(Row("consistency on", "msta", (), "MSTA: consistency loss"))
     return rows
+
+
+def seeds_for(row: Row, seeds: Sequence[int]) -> List[int]:
+    """Every seed for the claims' methods, the first one for the rest (zero-shot: deterministic)."""
+    if row.method is None or row.method not in SEEDED_METHODS:
+        return list(seeds[:1])
+    return list(seeds)
 
 
 # --------------------------------------------------------------------- protocol
@@ -114,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sets", default="video,image", help="which downstream sets (video, image)")
     p.add_argument("--methods", default="all", help="comma-separated methods for the main table, or 'all'")
     p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--videos", type=int, default=800, help="clips generated (train + test)")
+    p.add_argument("--videos", type=int, default=900, help="clips generated (train + test + order subset)")
+    p.add_argument("--order", type=int, default=100, help="clips of the order subset (video set)")
     p.add_argument("--images", type=int, default=1200, help="images generated (train + test)")
     p.add_argument("--test", type=int, default=200, help="test items of each set")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated world")
@@ -135,16 +165,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="retrain runs that already have a result")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's directory (checkpoints, metrics.csv)")
     p.add_argument("--report-only", action="store_true", help="only rebuild table.md/.json/.png from OUT/records")
+    p.add_argument("--curves", action="store_true",
+                   help="train each main method once for --curve-epochs full epochs; write OUT/curves.json/.png")
+    p.add_argument("--curve-epochs", type=int, default=6, help="--curves: full epochs per method")
+    p.add_argument("--budget-from", default=None, metavar="CURVES_JSON",
+                   help="take --epochs and full epochs (steps 0) from a --curves run's recommendation")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: seed 0, 2 updates, zero-shot + projection + cross_modal_adapter, 48/40 items")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.video_steps, args.image_steps = "0", 2, 2
-        args.videos, args.images, args.test, args.batch = 48, 40, 16, 8
+        args.videos, args.order, args.images, args.test, args.batch = 56, 8, 40, 16, 8
         if args.methods == "all":
             args.methods = "projection,cross_modal_adapter"
         args.no_ablations = True
         args.speed_rounds = 1
+    if args.budget_from:
+        rec = json.loads(Path(args.budget_from).read_text())["recommended"]
+        args.epochs, args.video_steps, args.image_steps = int(rec["epochs"]), 0, 0
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.set_list = [s.strip() for s in args.sets.split(",") if s.strip()]
     bad = [s for s in args.set_list if s not in SETS]
@@ -157,7 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def protocol(args: argparse.Namespace) -> Dict[str, Any]:
     """What every run shares; stored with each result so that a changed protocol is not mixed in."""
-    return {"backbone": args.backbone, "pretrained": args.pretrained, "videos": args.videos, "images": args.images,
+    return {"backbone": args.backbone, "pretrained": args.pretrained, "videos": args.videos, "order": args.order,
+            "images": args.images,
             "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
             "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
             "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision}
@@ -166,25 +205,30 @@ def protocol(args: argparse.Namespace) -> Dict[str, Any]:
 # ------------------------------------------------------------------------- data
 def prepare_data(args: argparse.Namespace) -> Dict[str, Path]:
     """Generate the two downstream sets (reused when already there) and cache the videos' frames."""
-    from xmodal.synth.world import read_jsonl, write_shifted_images, write_video_set
+    from xmodal.synth.world import GENERATOR_VERSIONS, read_jsonl, write_shifted_images, write_video_set
 
     work = Path(args.work)
     roots = {}
     for name in args.set_list:
-        root = work / "data" / f"{name}-n{args.videos if name == 'video' else args.images}-s{args.data_seed}"
+        kind = "videos" if name == "video" else "shifted-images"
+        size = f"n{args.videos}-o{args.order}" if name == "video" else f"n{args.images}"
+        root = work / "data" / f"{name}-v{GENERATOR_VERSIONS[kind]}-{size}-s{args.data_seed}"
         n = args.videos if name == "video" else args.images
         marker = root / "synth.json"
         if not marker.is_file():
             print(f"generating the {name} set: {n} items ({args.test} test) -> {root}")
-            writer = write_video_set if name == "video" else write_shifted_images
-            writer(root, n=n, n_test=args.test, seed=args.data_seed)
+            if name == "video":
+                write_video_set(root, n=n, n_test=args.test, n_order=args.order, seed=args.data_seed)
+            else:
+                write_shifted_images(root, n=n, n_test=args.test, seed=args.data_seed)
         roots[name] = root
     if "video" in roots:
         from xmodal.data.frame_cache import extract_frames
 
         root = roots["video"]
+        splits = ("train", "test") + ((ORDER_SPLIT,) if (root / f"{ORDER_SPLIT}.jsonl").is_file() else ())
         items = [{"id": r["id"], "media": str(root / r["video"])}
-                 for split in ("train", "test") for r in read_jsonl(root / f"{split}.jsonl")]
+                 for split in splits for r in read_jsonl(root / f"{split}.jsonl")]
         extract_frames(items, work / "frames" / root.name, fps=1.0, fmt="npy", size=0, progress=True,
                        bench_clips=0)
     return roots
@@ -219,6 +263,22 @@ def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def evaluate_order_subset(cfg, model, root: Path) -> Optional[Dict[str, float]]:
+    """Metrics on the order subset (video set), or None when the set has none."""
+    import dataclasses
+
+    from xmodal.engine.evaluate import evaluate
+    from xmodal.engine.train import build_data, head_from_config
+
+    if not (root / f"{ORDER_SPLIT}.jsonl").is_file():
+        return None
+    order_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=ORDER_SPLIT))
+    data = build_data(order_cfg, model, need_train=False, log=lambda msg: None)
+    metrics = evaluate(model, data.eval, head_from_config(cfg.head), collate_fn=data.collate,
+                       max_words=cfg.data.max_words, batch_size=cfg.eval.batch_size, progress=False)
+    return {k: float(v) for k, v in metrics.items()}
+
+
 def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, seed: int) -> Dict[str, Any]:
     """Train (or, for zero-shot, only evaluate) one row with one seed; the result record."""
     from xmodal.backbones.factory import create_backbone
@@ -234,7 +294,10 @@ def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, see
         metrics = evaluate(model, data.eval, head_from_config(cfg.head), collate_fn=data.collate,
                            max_words=cfg.data.max_words, batch_size=cfg.eval.batch_size, progress=False)
         trainable, total = 0, model.parameter_counts()[1]
-        extra = {}
+        from xmodal.provenance import train_run_record
+
+        extra = {"run": train_run_record(cfg, model, data.eval, metrics, "cpu" if args.device == "auto" else args.device,
+                                         args.precision)}
     else:
         seed_everything(seed)  # as fit() would before building the model itself
         model = apply_method(create_backbone(cfg.model.backbone, cfg.model.pretrained, seed=seed),
@@ -243,9 +306,16 @@ def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, see
         result = fit(cfg, cfg.output_dir, model=model, log=lambda msg: None)
         metrics = result.final_metrics
         extra = {"updates": result.global_step, "first_loss": result.step_losses[0],
-                 "last_loss": result.step_losses[-1]}
+                 "last_loss": result.step_losses[-1], "losses": [round(float(x), 5) for x in result.step_losses]}
+        written = Path(cfg.output_dir) / "metrics.json"  # fit's record of what was measured
+        if written.is_file():
+            extra["run"] = json.loads(written.read_text()).get("run")
         if not args.keep_runs:  # the record below is what the table needs; checkpoints are large
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    if set_name == "video":
+        order = evaluate_order_subset(cfg, model, root)
+        if order is not None:
+            extra["order_metrics"] = order
     return {"set": set_name, "row": row.label, "group": row.group, "method": row.method or "zero_shot",
             "options": dict(row.options), "seed": seed, "trainable": trainable, "total": total,
             "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1),
@@ -304,6 +374,11 @@ def summarize(records: List[Dict[str, Any]], rows: List[Row], set_name: str,
         for key in METRIC_KEYS:
             m, s = mean_std([r["metrics"][key] for r in mine])
             entry["metrics"][key] = {"mean": m, "std": s}
+        if all("order_metrics" in r for r in mine):
+            entry["order_metrics"] = {}
+            for key in METRIC_KEYS:
+                m, s = mean_std([r["order_metrics"][key] for r in mine])
+                entry["order_metrics"][key] = {"mean": m, "std": s}
         res = (speed or {}).get("results", {}).get(row.method or "", None) if row.group == "main" else None
         if res:
             entry["step_ms"] = res["step_ms_median"]
@@ -322,9 +397,14 @@ def _cell(stat: Dict[str, float], digits: int = 1) -> str:
 
 
 def _label(e: Dict[str, Any], n_seeds: int) -> str:
-    """Row label; a row with fewer finished seeds than asked for says how many it has."""
+    """Row label; a row with fewer finished seeds than its policy asks for says how many it has."""
     k = len(e["seeds"])
-    return e["row"] if e["method"] == "zero_shot" or k == n_seeds else f"{e['row']} ({k} of {n_seeds} seeds)"
+    if e["method"] == "zero_shot":
+        return e["row"]
+    want = n_seeds if e["method"] in SEEDED_METHODS else 1
+    if k == want:
+        return e["row"] if want == n_seeds else f"{e['row']} (1 seed)"
+    return f"{e['row']} ({k} of {want} seeds)"
 
 
 def markdown_table(entries: List[Dict[str, Any]], set_name: str, with_speed: bool, n_seeds: int) -> str:
@@ -391,6 +471,196 @@ def bar_chart(tables: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
     return path
 
 
+
+# ----------------------------------------------------------------------- claims
+CLAIM_METRIC = "t2v/R@1"
+INCONCLUSIVE = "inconclusive (difference < 2 × pooled std)"
+
+
+def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
+    """sqrt of the mean of the two sample variances (a single run contributes variance 0)."""
+    va = statistics.variance(a) if len(a) > 1 else 0.0
+    vb = statistics.variance(b) if len(b) > 1 else 0.0
+    return math.sqrt((va + vb) / 2)
+
+
+def compare(a: Sequence[float], b: Sequence[float], margin: float = 0.0) -> Dict[str, Any]:
+    """Is mean(a) - mean(b) > -margin? "reproduced" / "not reproduced" / inconclusive.
+
+    Inconclusive when |mean(a) - mean(b) + margin| < 2 × pooled std, or when either side
+    has a single run (no spread to judge the difference by).
+    """
+    if not a or not b:
+        return {"verdict": "not run", "diff": None, "pooled_std": None, "n": [len(a), len(b)]}
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    sd = pooled_std(a, b)
+    if len(a) < 2 or len(b) < 2 or abs(diff + margin) < 2 * sd:
+        verdict = INCONCLUSIVE
+    else:
+        verdict = "reproduced" if diff + margin > 0 else "not reproduced"
+    return {"verdict": verdict, "diff": diff, "pooled_std": sd, "n": [len(a), len(b)]}
+
+
+def _values(records: List[Dict[str, Any]], slug: str, key: str = "metrics", metric: str = CLAIM_METRIC,
+            set_name: str = "video") -> List[float]:
+    return [r[key][metric] for r in records if r["set"] == set_name and r["row_slug"] == slug and key in r]
+
+
+def claims(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Verdicts C1-C5 of the seed papers, on the video set's t2v R@1 (C3: on the order subset)."""
+    cma, uni, ft = "cross_modal_adapter", "uni_adapter", "full_finetune"
+    out = []
+
+    def add(cid: str, text: str, result: Dict[str, Any], **extra) -> None:
+        out.append({"id": cid, "claim": text, **result, **extra})
+
+    add("C1", "the Cross-Modal Adapter beats the uni-modal adapter", compare(_values(records, cma), _values(records, uni)))
+    c2 = compare(_values(records, cma), _values(records, ft), margin=1.0)
+    share = [r for r in records if r["row_slug"] == cma and r.get("total")]
+    pct = 100 * share[0]["trainable"] / share[0]["total"] if share else None
+    if pct is not None and pct >= 1.0 and c2["verdict"] != "not run":
+        c2["verdict"] = "not reproduced"
+    add("C2", "the Cross-Modal Adapter is within 1 point of full fine-tuning at < 1% trainable parameters", c2,
+        trainable_pct=pct)
+    add("C3", "MV-Adapter's temporal adaptation beats none on the order subset",
+        compare(_values(records, "mv_adapter", "order_metrics"), _values(records, "mv_adapter-temporal=none",
+                                                                          "order_metrics")))
+    up, down, none = (_values(records, cma), _values(records, f"{cma}-share=down"), _values(records, f"{cma}-d_s=0"))
+    vs_down, vs_none = compare(up, down), compare(up, none)
+    verdicts = {vs_down["verdict"], vs_none["verdict"]}
+    if "not run" in verdicts:
+        verdict = "not run"
+    elif "not reproduced" in verdicts:
+        verdict = "not reproduced"
+    elif verdicts == {"reproduced"}:
+        verdict = "reproduced"
+    else:
+        verdict = INCONCLUSIVE
+    add("C4", "sharing the up-projection beats sharing the down-projection and sharing none (d_s=0)",
+        {"verdict": verdict, "vs_down": vs_down, "vs_none": vs_none})
+    add("C5", "MSTA's consistency loss helps when descriptions are present",
+        compare(_values(records, "msta"), _values(records, "msta-consistency_weight=0.0")))
+    return out
+
+
+def claims_markdown(results: List[Dict[str, Any]]) -> str:
+    lines = ["| claim | what | difference (pooled std) | verdict |", "|---|---|---|---|"]
+    for c in results:
+        if c["id"] == "C4":
+            parts = [f"vs {k[3:]}: {c[k]['diff']:+.2f} ({c[k]['pooled_std']:.2f})" for k in ("vs_down", "vs_none")
+                     if c[k]["diff"] is not None]
+            diff = "; ".join(parts) or "-"
+        else:
+            diff = "-" if c["diff"] is None else f"{c['diff']:+.2f} ({c['pooled_std']:.2f})"
+        lines.append(f"| {c['id']} | {c['claim']} | {diff} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- curves
+def smooth(values: Sequence[float], window: int) -> List[float]:
+    """Trailing moving average (the first points average what there is)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plateau_step(losses: Sequence[float], tolerance: float = 0.05, window: Optional[int] = None) -> int:
+    """First update (1-based) after which the smoothed loss stays within `tolerance` of its total
+    decrease above the final smoothed level; len(losses) when it never settles before the end."""
+    if not losses:
+        return 0
+    window = window or max(5, len(losses) // 20)
+    sm = smooth(list(losses), window)
+    first, last = max(sm[:window]), sm[-1]
+    band = last + tolerance * max(first - last, 0.0)
+    step = len(sm)
+    for i in range(len(sm) - 1, -1, -1):
+        if sm[i] > band:
+            break
+        step = i + 1
+    return step
+
+
+def recommend_budget(curves: Dict[str, Dict[str, Any]], steps_per_epoch: Dict[str, int]) -> Dict[str, Any]:
+    """The slowest method's plateau on any set, in whole epochs (every set trains that many)."""
+    epochs = 1
+    slowest = None
+    for key, c in curves.items():
+        set_name = c["set"]
+        need = math.ceil(c["plateau_step"] / max(steps_per_epoch[set_name], 1))
+        if need >= epochs:
+            epochs, slowest = need, key
+    return {"epochs": epochs, "slowest": slowest, "steps_per_epoch": steps_per_epoch}
+
+
+def curves_figure(curves: Dict[str, Dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xmodal.engine.plot import _save
+
+    sets = sorted({c["set"] for c in curves.values()})
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        for key, c in curves.items():
+            if c["set"] != set_name:
+                continue
+            sm = smooth(c["losses"], max(5, len(c["losses"]) // 20))
+            (line,) = ax.plot(range(1, len(sm) + 1), sm, lw=1.2, label=c["method"])
+            ax.axvline(c["plateau_step"], color=line.get_color(), lw=0.6, ls=":")
+        ax.set_title(f"{set_name} set: smoothed training loss (dotted: plateau)")
+        ax.set_xlabel("update")
+        ax.set_ylabel("InfoNCE loss")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def run_curves(args: argparse.Namespace, rows: List[Row]) -> Dict[str, Any]:
+    """Train every main method once (first seed) for --curve-epochs full epochs; plateau per method."""
+    import dataclasses
+
+    args.epochs, args.video_steps, args.image_steps = args.curve_epochs, 0, 0
+    roots = prepare_data(args)
+    out = Path(args.out)
+    curves: Dict[str, Dict[str, Any]] = {}
+    steps_per_epoch: Dict[str, int] = {}
+    seed = args.seed_list[0]
+    for set_name in args.set_list:
+        for row in rows:
+            if row.method is None:
+                continue
+            path = out / "curves" / set_name / f"{row.slug}.json"
+            if path.is_file() and not args.force and json.loads(path.read_text()).get("protocol") == protocol(args):
+                rec = json.loads(path.read_text())
+            else:
+                print(f"curve: {set_name} {row.slug} ({args.curve_epochs} epochs)", flush=True)
+                rec = train_one(args, set_name, roots[set_name], row, seed)
+                _write_json(path, rec)
+            losses = rec["losses"]
+            steps_per_epoch[set_name] = rec["updates"] // max(args.curve_epochs, 1)
+            curves[f"{set_name}/{row.slug}"] = {"set": set_name, "method": row.slug, "losses": losses,
+                                                "plateau_step": plateau_step(losses), "updates": rec["updates"]}
+    report = {"protocol": protocol(args), "seed": seed, "curves": curves,
+              "recommended": recommend_budget(curves, steps_per_epoch)}
+    _write_json(out / "curves.json", report)
+    curves_figure(curves, out / "curves.png")
+    rec = report["recommended"]
+    print(f"recommended budget: {rec['epochs']} epoch(s) (slowest to plateau: {rec['slowest']}); "
+          f"run: python benchmarks/table.py --budget-from {out / 'curves.json'}")
+    return report
+
+
 def load_records(out: Path, proto: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Finished runs of this protocol (results of another protocol in OUT/records are ignored)."""
     records = []
@@ -413,20 +683,35 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
     command = " ".join(["python benchmarks/table.py", shlex.join(argv)]).strip()
     import torch
 
-    report = {"protocol": proto, "seeds": args.seed_list, "command": command,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "seconds": seconds, "tables": tables, "ablations": abl,
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        machine = f"{torch.cuda.get_device_name()}, {args.precision}; " + machine
+    verdicts = claims(records)
+    report = {"protocol": proto, "seeds": args.seed_list, "command": command, "machine": machine,
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "seed_policy": {
+                  "all_seeds": sorted(SEEDED_METHODS), "other_methods": args.seed_list[:1]},
+              "seconds": seconds, "tables": tables, "ablations": abl, "claims": verdicts,
               "speed": {s: {k: v for k, v in r.items() if k != "results"} for s, r in speed.items()}}
+    others = sorted({e["method"] for t in tables.values() for e in t} - SEEDED_METHODS - {"zero_shot"})
     md = [f"Generated world, backbone {args.backbone} (pretrained={args.pretrained}); "
-          f"{len(args.seed_list)} seed(s) {args.seed_list}, mean ± sample std; "
-          f"R@K in %, ranks 1-based. Command: `{command}`", ""]
+          f"{len(args.seed_list)} seed(s) {args.seed_list} for {', '.join(sorted(SEEDED_METHODS))} and their "
+          f"ablations, 1 seed ({args.seed_list[0]}) for the other methods ({', '.join(others) or 'none'}); "
+          f"mean ± sample std; R@K in %, ranks 1-based. {machine}, {report['date']}. Command: `{command}`", ""]
     for s, entries in tables.items():
         n_items = args.videos if s == "video" else args.images
         md += [f"### {s} set ({n_items - args.test} train / {args.test} test"
                + (f", {args.frames} frames per clip" if s == "video" else "") + ")", "",
                markdown_table(entries, s, with_speed=s in speed, n_seeds=len(args.seed_list)), ""]
+        if s == "video" and any("order_metrics" in e for e in entries):
+            order_rows = [dict(e, metrics=e["order_metrics"]) for e in entries if "order_metrics" in e]
+            md += [f"### video set, order subset ({args.order} clips in groups that differ only in event order)", "",
+                   markdown_table(order_rows, s, with_speed=False, n_seeds=len(args.seed_list)), ""]
     if abl:
         md += ["### ablations (video set)", "", ablation_markdown(abl, len(args.seed_list)), ""]
+        order_abl = [dict(e, metrics=e["order_metrics"]) for e in abl if "order_metrics" in e]
+        if order_abl:
+            md += ["### ablations, order subset", "", ablation_markdown(order_abl, len(args.seed_list)), ""]
+    md += ["### claims (video set, t2v R@1; C3 on the order subset)", "", claims_markdown(verdicts), ""]
     from xmodal.engine.config import write_text_atomic
 
     write_text_atomic(out / "table.md", "\n".join(md))
@@ -446,11 +731,11 @@ def run_order(args: argparse.Namespace, rows: List[Row], ablations: List[Row]) -
     jobs = []
     main_slugs = {r.slug for r in rows}
     extra = list({r.slug: r for r in ablations if r.slug not in main_slugs}.values())
-    for k, seed in enumerate(args.seed_list):
+    for seed in args.seed_list:
         for s in args.set_list:
-            jobs += [(s, row, seed) for row in rows if row.method is not None or k == 0]
+            jobs += [(s, row, seed) for row in rows if seed in seeds_for(row, args.seed_list)]
         if "video" in args.set_list:
-            jobs += [("video", row, seed) for row in extra]
+            jobs += [("video", row, seed) for row in extra if seed in seeds_for(row, args.seed_list)]
     return jobs
 
 
@@ -465,6 +750,9 @@ def main(argv=None) -> int:
     rows = main_rows(methods)
     ablations = [] if args.no_ablations else ablation_rows()
     out = Path(args.out)
+    if args.curves:
+        run_curves(args, rows)
+        return 0
     speed_file = out / "speed.json"
     speed: Dict[str, Dict[str, Any]] = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
     failures: List[str] = []

@@ -11,14 +11,15 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real benchmark files: XMODAL_TEST_DATA=DIR if set, else ../shared/data beside the checkout.
+SHARED = Path(os.environ.get("XMODAL_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data beside the checkout (real benchmark files); skip when absent."""
+    """The real-data folder (XMODAL_TEST_DATA or ../shared/data); skip when absent."""
     if not SHARED.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED}")
+        pytest.skip(f"real test data not found at {SHARED} (set XMODAL_TEST_DATA=DIR or place ../shared/data)")
     return SHARED
 
 

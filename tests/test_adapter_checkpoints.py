@@ -295,14 +295,16 @@ def test_save_is_atomic(tiny_backbone_factory, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(XModalError, match="disk full"):  # xmodal.atomic's one-line WriteError
         model.save_adapter(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temp dirs left behind
 
     # a failure while swapping directories puts the previous checkpoint back as well
     monkeypatch.setattr(ckpt, "save_file", real_save)
-    real_replace = ckpt.os.replace
+    import xmodal.atomic as atomic_module
+
+    real_replace = atomic_module.os.replace
     calls = []
 
     def flaky_replace(src, dst):
@@ -311,10 +313,10 @@ def test_save_is_atomic(tiny_backbone_factory, tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", flaky_replace)
-    with pytest.raises(OSError, match="rename failed"):
+    monkeypatch.setattr(atomic_module.os, "replace", flaky_replace)
+    with pytest.raises(XModalError, match="rename failed"):
         model.save_adapter(target)
-    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", real_replace)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
 

@@ -92,3 +92,30 @@ def test_resolved_config_roundtrips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and isinstance(again, RunConfig)
     assert not list(tmp_path.glob(".config.yaml*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.num_workers=-1", r"data\.num_workers=-1: expected >= 0"),
+    ("data.fps=0", r"data\.fps=0\.0: expected a frame rate > 0"),
+    ("train.log_every=0", r"train\.log_every must be >= 1"),
+    ("train.save_every_steps=-2", r"train\.save_every_steps must be >= 0"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(tmp_path, override, message):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"data": {"root": "/data"}}))
+    with pytest.raises(XModalError, match=message) as info:
+        load_config(good, [override])
+    assert "good.yaml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_empty_config_file_says_data_root_is_unset(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(XModalError, match=r"empty\.yaml: the config file is empty, so data\.root is unset"):
+        load_config(empty)
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(XModalError, match="data.root is unset"):
+        load_config(empty)
+    assert load_config(empty, ["data.root=/data"]).data.root == "/data"  # an override may supply it
+    cfg = load_config(empty, ["data.root=/data", "train.save_every_steps=100"])
+    assert cfg.train.save_every_steps == 100

@@ -460,3 +460,14 @@ def test_vit_b32_parameter_count():
     # the uni-modal variant (d_s = 0) on the same backbone: full-width up-projections, nothing shared
     model.add_method(make_config("uni_adapter"), "uni")
     assert model.parameter_counts()[0] == 24 * (768 * 8 + 8 + 8 * 768 + 768) + 24 * (512 * 8 + 8 + 8 * 512 + 512)
+
+
+def test_normal_init_draws_like_the_official_code(tiny_backbone):
+    """init=normal: N(0, 0.01) as the official trunc_normal_(std=0.01), whose +-2 bounds are
+    absolute (200 std): effectively untruncated, unlike a truncation at 2 std."""
+    torch.manual_seed(0)
+    model = apply_method(tiny_backbone, make_config("cross_modal_adapter", init="normal", r=64))
+    w = torch.cat([p.detach().flatten() for n, p in model.method.named_parameters() if n.endswith("weight")])
+    assert w.numel() > 20_000
+    assert w.std().item() == pytest.approx(0.01, rel=0.03)
+    assert w.abs().max().item() > 0.03  # draws beyond 3 std exist: no truncation at 2 std

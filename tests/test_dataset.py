@@ -44,9 +44,14 @@ class FakeVisual:
         return pixels, mask
 
 
-def items(n=6, caps=5):
-    return [Item(id=f"v{i}", media=f"/nowhere/v{i}.mp4", kind="video",
-                 captions=[f"caption {k} of video {i}" for k in range(caps)]) for i in range(n)]
+def items(n=6, caps=5, root=None):
+    """Items v0..v{n-1}; with `root`, their (empty) media files exist there (FakeVisual decodes)."""
+    out = [Item(id=f"v{i}", media=f"{root or '/nowhere'}/v{i}.mp4", kind="video",
+                captions=[f"caption {k} of video {i}" for k in range(caps)]) for i in range(n)]
+    if root is not None:
+        for item in out:
+            Path(item.media).write_bytes(b"")
+    return out
 
 
 def test_train_batch_contract():
@@ -118,8 +123,8 @@ def test_descriptions_become_padded_desc_tokens():
     assert vis["desc_tokens"].shape == (3, 3, 8) and vis["desc_mask"].sum().item() == 4
 
 
-def test_eval_dataset_texts_gallery_and_loader():
-    data = items(3, caps=2)
+def test_eval_dataset_texts_gallery_and_loader(tmp_path):
+    data = items(3, caps=2, root=tmp_path)
     data[1].captions = ["the only caption of video 1"]
     ev = EvalDataset(data, fake_tokenize, FakeVisual(bad={"v2"}), num_frames=3)
     assert ev.texts == data[0].captions + data[1].captions + data[2].captions
@@ -136,6 +141,7 @@ def test_eval_dataset_texts_gallery_and_loader():
 
 
 def test_from_spec_uses_protocol_frames_and_checks_items(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"")
     spec = read_dataset("didemo", tmp_path, "train", annotation_file=_didemo(tmp_path))
     loader = FakeVisual(frames=1)
     ds = TrainDataset.from_spec(spec, fake_tokenize, loader)

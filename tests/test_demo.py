@@ -9,18 +9,33 @@ import pytest
 from xmodal.cli import main
 
 
+def test_demo_refuses_a_backbone_without_weights(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "model.backbone=xmodal-test",
+                 "--set", "model.pretrained=null"]) == 2
+    assert "has no weights" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
 def test_demo_end_to_end_writes_table_adapter_index_and_answer(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--videos", "16", "--test", "8",
-               "--set", "model.backbone=xmodal-test", "--set", "model.pretrained=null",
+    rc = main(["demo", "--out", str(out), "--videos", "24", "--test", "8", "--order", "8",
+               "--set", "model.backbone=xmodal-test", "--set", "model.pretrained=random",
                "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "data.num_frames=2",
                "--set", "data.num_workers=0", "--set", "eval.batch_size=8", "--set", "train.progress=false"])
     assert rc == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo_summary.json").read_text())
 
-    # before/after table with both directions, and the adapter on disk is only the method's tensors
+    # before/after table with both directions, main set then the order subset on their own lines
     assert "zero-shot" in printed and "+ cross_modal_adapter" in printed
+    table = (out / "demo_table.txt").read_text().splitlines()
+    main_at = next(i for i, line in enumerate(table) if line.startswith("main test set: 8 captions x 8 videos"))
+    order_at = next(i for i, line in enumerate(table) if line.startswith("order subset: 8 captions x 8 videos"))
+    assert order_at == main_at + 3 and table[order_at + 1].startswith("zero-shot")
+    assert table[order_at + 2].startswith("+ cross_modal_adapter")
+    order = summary["order_subset"]
+    assert order["videos"] == 8 and order["zero_shot"] != summary["zero_shot"]
+    assert f"{order['adapted']['t2v/R@1']:>8.1f}" in table[order_at + 2]
+    # the adapter on disk is only the method's tensors
     for key in ("t2v/R@1", "t2v/MdR", "v2t/MnR"):
         assert key in summary["zero_shot"] and key in summary["adapted"]
     assert 0 < summary["trainable"] and summary["adapter_bytes"] < 4 * summary["trainable"] + 64 * 1024

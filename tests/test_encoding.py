@@ -224,3 +224,38 @@ def test_normalize():
     close(y, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
     frames = torch.randn(2, 3, 8)
     assert torch.allclose(normalize(frames).norm(dim=-1), torch.ones(2, 3))
+
+
+# ------------------------------------------------------- inference mode, transfers
+def test_encoding_runs_in_inference_mode_and_returns_ordinary_tensors(tiny_backbone):
+    seen = []
+    hook = tiny_backbone.visual.register_forward_hook(lambda m, a, o: seen.append(torch.is_inference_mode_enabled()))
+    clips = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    outs = [encode_videos(tiny_backbone, clips), encode_images(tiny_backbone, images(2)),
+            encode_texts(tiny_backbone, TEXTS[:2]), encode_loader(tiny_backbone, [{"pixels": clips}])[0]]
+    hook.remove()
+    assert seen and all(seen)  # no autograd bookkeeping at all while encoding
+    for out in outs:
+        assert not out.is_inference()
+        out.add_(1.0)  # usable in place / with autograd afterwards (an inference tensor would raise)
+
+
+def test_cpu_results_bit_identical_to_direct_eval_forward(tiny_backbone):
+    clips = torch.randn(5, 3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    tiny_backbone.eval()
+    with torch.no_grad():
+        direct_v = tiny_backbone.encode_video(clips)
+        direct_t = tiny_backbone.encode_text(tiny_backbone.tokenize(TEXTS))
+    assert torch.equal(encode_videos(tiny_backbone, clips, batch_size=5), direct_v)
+    assert torch.equal(encode_texts(tiny_backbone, TEXTS), direct_t)
+    feats, _ = encode_loader(tiny_backbone, [{"pixels": clips}])
+    assert torch.equal(feats, direct_v)
+
+
+def test_to_device_on_cpu_is_a_plain_cast():
+    from xmodal.encoding import to_device
+
+    x = torch.randn(3, 4)
+    assert to_device(x, torch.device("cpu")) is x
+    y = to_device(x, torch.device("cpu"), torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x.to(torch.bfloat16))

@@ -31,7 +31,7 @@ def image_set(tmp_path):
 def test_index_then_search_matches_brute_force(image_set, tmp_path, capsys):
     out = tmp_path / "idx"
     rc = main(["index", "--dataset", "jsonl", "--root", str(image_set), "--split", "test", "--backbone",
-               "xmodal-test", "--seed", "3", "--num-frames", "1", "--num-workers", "0", "--out", str(out)])
+               "xmodal-test", "--pretrained", "random", "--seed", "3", "--num-frames", "1", "--num-workers", "0", "--out", str(out)])
     assert rc == 0
     index = GalleryIndex.load(out)
     assert sorted(index.ids) == sorted(COLOURS) and index.meta["backbone"] == "xmodal-test"
@@ -62,10 +62,35 @@ def test_gallery_index_round_trip_and_errors(tmp_path):
     index.save(tmp_path / "i")
     back = GalleryIndex.load(tmp_path / "i")
     assert back.ids == list("abcde") and torch.equal(back.frame_mask, mask)
-    assert torch.allclose(back.frame_features, feats.half().float())
+    assert back.frame_features.dtype == torch.float16  # stored and loaded as float16 (memory-mappable)
+    assert torch.equal(back.frame_features.float(), feats.half().float())
+    assert torch.equal(back.frames([1, 3])[0], feats[[1, 3]].half().float())
+    assert back.item(2) == {"id": "c", "media": "/m/c.mp4", "captions": []}
     hits = back.search(feats[3].mean(0, keepdim=True), k=2)[0]
     assert hits[0].id == "d" and [h.rank for h in hits] == [1, 2]
+    assert back.search(feats[3].mean(0, keepdim=True), k=2)[0][0].row == 3
     with pytest.raises(XModalError, match="not found; build the index"):
         GalleryIndex.load(tmp_path / "nowhere")
     with pytest.raises(XModalError, match="3 ids"):
         GalleryIndex(feats, mask, list("abc"), list("abc"))
+
+
+def test_index_written_by_the_previous_format_still_loads(tmp_path):
+    import faiss
+    from safetensors.torch import save_file
+
+    from xmodal.engine.heads import mean_pool
+
+    g = torch.Generator().manual_seed(2)
+    feats, mask = torch.randn(4, 2, 8, generator=g), torch.ones(4, 2, dtype=torch.bool)
+    d = tmp_path / "v1"
+    d.mkdir()
+    save_file({"frame_features": feats.half(), "frame_mask": mask.to(torch.uint8)}, str(d / "frame_features.safetensors"))
+    (d / "gallery.json").write_text(json.dumps({"backbone": "x", "adapter": None, "ids": list("wxyz"),
+                                                "media": [f"/m/{c}.mp4" for c in "wxyz"]}))
+    flat = faiss.IndexFlatIP(8)
+    flat.add(mean_pool(feats.half().float(), mask).numpy())
+    faiss.write_index(flat, str(d / "mean_pooled.faiss"))
+    index = GalleryIndex.load(d)
+    assert index.ids == list("wxyz") and index.candidate_vectors == "mean"
+    assert index.search(feats[2].mean(0), k=1)[0][0].id == "y"

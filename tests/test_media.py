@@ -19,6 +19,7 @@ from xmodal.data.media import (
     decode_frames,
     load_clip,
     load_image,
+    read_image_array,
     sample_targets,
     uniform_indices,
 )
@@ -292,3 +293,116 @@ def test_corrupt_file_in_dataloader_worker_does_not_hang(corrupt_files, tmp_path
     (pixels, mask), = list(loader)
     assert pixels.shape == (5, 4, 3, 32, 32)
     assert mask.sum(dim=1).tolist() == [3, 0, 0, 0, 3]
+
+
+# --------------------------------------------------------------------------- orientation, bit depth, corruption
+@pytest.mark.parametrize("rotation,corner", [(90, "bottom_left"), (-90, "top_right"), (180, "bottom_right"),
+                                             (0, "top_left")])
+def test_video_display_rotation_is_applied(tmp_path, rotation, corner):
+    """A display matrix (phones' portrait video) turns the picture as players do (counter-clockwise r)."""
+    import fractions
+
+    path = tmp_path / f"rot{rotation}.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fractions.Fraction(10))
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(rotation)
+        for _ in range(10):
+            a = np.zeros((48, 64, 3), np.uint8)
+            a[:16, :16] = 255  # a white block in the stored picture's top-left corner
+            for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    frame = decode_frames(str(path)).frames[0]
+    assert frame.shape == ((64, 48, 3) if rotation in (90, -90) else (48, 64, 3))
+    h, w = frame.shape[:2]
+    corners = {"top_left": frame[:8, :8], "top_right": frame[:8, w - 8:],
+               "bottom_left": frame[h - 8:, :8], "bottom_right": frame[h - 8:, w - 8:]}
+    assert {k for k, v in corners.items() if v.mean() > 200} == {corner}
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :10] = 255  # white top-left corner in the stored pixels
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif, quality=95)
+    array = read_image_array(str(path))
+    assert array.shape == (60, 40, 3)  # upright: portrait
+    assert array[:8, -8:].mean() > 200 and array[:8, :8].mean() < 50  # the corner moved to the top right
+    assert load_image(str(path)).shape == (3, 60, 40)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 48).round().astype(np.uint16).reshape(48, 64)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    array = read_image_array(str(path))
+    assert array.dtype == np.uint8 and array.shape == (48, 64, 3)
+    expected = np.round(ramp.astype(float) * 255 / 65535)
+    assert np.abs(array[..., 0].astype(float) - expected).max() <= 0.5 + 1e-9
+    assert 120 < array.mean() < 135  # clipping made nearly everything 255
+
+
+@pytest.mark.parametrize("ext,codec", [("mkv", "libx264"), ("webm", "libvpx-vp9"), ("mp4", "libx264")])
+def test_truncated_file_is_reported_for_every_container(tmp_path, ext, codec):
+    """Half the data missing: the frames stop long before the declared duration, in any container."""
+    path = write_video(tmp_path / f"full.{ext}", 100, 10.0, codec=codec, faststart=ext == "mp4", noise=True)
+    assert len(decode_frames(path)) == 10
+    data = open(path, "rb").read()
+    cut = tmp_path / f"half.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    for seek in (True, False):
+        with pytest.raises(MediaError, match="truncated") as info:
+            decode_frames(str(cut), seek=seek)
+        assert info.value.path == str(cut)
+
+
+def test_jpeg_with_corrupt_scan_data_is_an_error(shared_data, tmp_path):
+    source = sorted((shared_data / "image" / "coco_karpathy_test").glob("*.jpg"))[0]
+    data = bytearray(source.read_bytes())
+    scan = data.find(b"\xff\xda")
+    rng = np.random.default_rng(0)
+    for pos in rng.integers(scan + 200, len(data) - 100, 20):
+        data[pos] = int(rng.integers(0, 256))
+    path = tmp_path / "corrupt.jpg"
+    path.write_bytes(bytes(data))
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # Pillow alone decodes it without complaint
+    with pytest.raises(MediaError, match="corrupt JPEG data") as info:
+        load_image(str(path))
+    assert info.value.path == str(path)
+    read_image_array(str(source))  # the intact file is fine
+
+
+@pytest.mark.parametrize("fps", [0, -1.0, float("nan"), "x"])
+def test_bad_fps_is_one_config_error_not_a_media_failure(tmp_path, fps):
+    from xmodal.data.media import InvalidFpsError
+
+    path = write_video(tmp_path / "v.mp4", 20, 10.0)
+    policy = MediaPolicy()
+    with pytest.raises(InvalidFpsError, match="data.fps") as info:
+        policy.call(load_clip, path, fps=fps)
+    assert isinstance(info.value, XModalError) and not isinstance(info.value, MediaError)
+    assert policy.skipped == 0 and not policy.failures  # no video is blamed
+    with pytest.raises(XModalError, match="data.fps"):
+        decode_frames(path, fps=fps)
+
+
+def test_video_shorter_than_its_audio_is_not_truncated(tmp_path):
+    """Matroska: 5 s of video, 10 s of audio. The video track's DURATION tag says 5 s: no false alarm."""
+    from videos import write_video_with_longer_audio
+
+    path = write_video_with_longer_audio(tmp_path / "av.mkv")
+    decoded = decode_frames(path)  # the grid follows the container's 10 s; the video's tail ends at 4.9 s
+    assert decoded.timestamps[:5] == [0.0, 1.0, 2.0, 3.0, 4.0] and max(decoded.timestamps) == pytest.approx(4.9)
+    assert decoded.grid == 10 and len(decoded) == 7

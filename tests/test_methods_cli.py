@@ -24,18 +24,19 @@ def test_json_lists_every_registered_method(capsys):
     out = capsys.readouterr().out
     rows = json.loads(out)
     assert rc == (1 if any(r.get("error") for r in rows) else 0)
-    assert [r["method"] for r in rows] == list_methods()
+    assert [r["method"] for r in rows] == [m for m in list_methods() if m != "compose"]  # compose lists methods
     by_name = {r["method"]: r for r in rows}
     assert {"cross_modal_adapter", "uni_adapter", "adaptformer", "adapter_attn"} <= set(by_name)
     cma = by_name["cross_modal_adapter"]
     assert cma["trainable"] == CMA_TINY == 7104
     backbone_total = cma["total"] - cma["trainable"]  # the adapter's tensors are extra
     for r in rows:
-        assert {"method", "trainable", "total", "percent"} <= set(r)
+        assert {"method", "trainable", "total", "percent", "percent_paper", "paper_count", "preset"} <= set(r)
         if r.get("error"):  # another method's failure is reported in its row, not fatal
             continue
         assert 0 < r["trainable"] <= r["total"]
         assert abs(r["percent"] - 100 * r["trainable"] / r["total"]) < 1e-9
+        assert r["percent_paper"] >= r["percent"]  # the papers divide by the backbone alone
         assert r["total"] >= backbone_total
 
 
@@ -51,7 +52,7 @@ def test_table_is_aligned_and_filtered(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert rc == 0
     header = next(line for line in lines if line.startswith("method"))
-    rows = lines[lines.index(header) + 2:]
+    rows = lines[lines.index(header) + 2:-1]  # the last line explains the columns
     assert [r.split()[0] for r in rows] == ["cross_modal_adapter", "uni_adapter"]
     assert "7,104" in rows[0] and "7,680" in rows[1]
     right_edge = header.index("trainable") + len("trainable")

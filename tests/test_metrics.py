@@ -71,7 +71,10 @@ def test_hand_computed_one_caption_per_item():
     assert t2v_ranks(sim, gt).tolist() == [1.0, 3.0, 2.0]
     assert v2t_ranks(sim, gt).tolist() == [1.0, 2.0, 2.0]
     m = retrieval_metrics(sim, gt)
-    assert list(m) == KEYS
+    assert list(m)[:10] == KEYS
+    assert set(m) - set(KEYS) == {"t2v/R@Sum", "v2t/R@Sum", "R@Sum", "t2v/tied_queries", "v2t/tied_queries"}
+    assert m["t2v/R@Sum"] == pytest.approx(100 / 3 + 200) and m["R@Sum"] == pytest.approx(2 * (100 / 3 + 200))
+    assert m["t2v/tied_queries"] == 0 and m["v2t/tied_queries"] == 0
     assert m["t2v/R@1"] == pytest.approx(100 / 3)
     assert m["t2v/R@5"] == 100.0 and m["t2v/R@10"] == 100.0
     assert m["t2v/MdR"] == 2.0 and m["t2v/MnR"] == 2.0
@@ -136,7 +139,8 @@ def test_tie_modes_hand_computed():
     assert retrieval_metrics(sim, gt, ties="mean")["t2v/R@1"] == pytest.approx(100 / 6)
     assert retrieval_metrics(sim, gt, ties="optimistic")["t2v/R@1"] == 50.0
     assert retrieval_metrics(sim, gt, ties="pessimistic")["t2v/R@1"] == 0.0
-    assert retrieval_metrics(sim, gt)["t2v/R@1"] == 50.0  # default is optimistic (CLIP4Clip)
+    assert retrieval_metrics(sim, gt)["t2v/R@1"] == pytest.approx(100 / 6)  # default: mean, everywhere
+    assert retrieval_metrics(sim, gt)["t2v/tied_queries"] == 2
 
 
 def test_v2t_ties_with_several_own_captions():
@@ -308,8 +312,10 @@ def test_bad_options_raise():
         retrieval_metrics(sim, gt, chunk_size=0)
     with pytest.raises(XModalError, match="temperature"):
         retrieval_metrics(sim, gt, dual_softmax=True, temperature=-1.0)
-    with pytest.raises(XModalError, match="dual softmax needs finite"):
+    with pytest.raises(XModalError, match="infinite value"):
         retrieval_metrics(np.array([[np.inf, 0.0], [0.0, 1.0]]), [0, 1], dual_softmax=True)
+    with pytest.raises(XModalError, match="v2t_protocol: expected one of"):
+        retrieval_metrics(sim, gt, v2t_protocol="clip4clip")
 
 
 # ---------------------------------------------------------------------- table
@@ -318,10 +324,12 @@ def test_format_metrics_table():
         np.array([[0.9, 0.1, 0.3], [0.8, 0.5, 0.7], [0.2, 0.6, 0.4]]), [0, 1, 2]
     )
     lines = format_metrics_table(m).splitlines()
-    assert lines[0].split() == ["R@1", "R@5", "R@10", "MdR", "MnR"]
-    assert lines[1].split() == ["t2v", "33.3", "100.0", "100.0", "2.0", "2.0"]
-    assert lines[2].split() == ["v2t", "33.3", "100.0", "100.0", "2.0", "1.7"]
-    prefixed = {f"test/{k}": v for k, v in m.items() if k.startswith("t2v/")}
+    assert lines[0].split() == ["R@1", "R@5", "R@10", "R@Sum", "MdR", "MnR"]
+    assert lines[1].split() == ["t2v", "33.3", "100.0", "100.0", "233.3", "2.0", "2.0"]
+    assert lines[2].split() == ["v2t", "33.3", "100.0", "100.0", "233.3", "2.0", "1.7"]
+    titled = format_metrics_table(m, images=True, title="run header").splitlines()
+    assert titled[0] == "run header" and titled[2].split()[0] == "t2i" and titled[3].split()[0] == "i2t"
+    prefixed = {f"test/{k}": v for k, v in m.items() if k.startswith("t2v/") and "Sum" not in k}
     del prefixed["test/t2v/MnR"]
     lines = format_metrics_table(prefixed, digits=2, prefix="test/").splitlines()
     assert len(lines) == 2 and lines[1].split() == ["t2v", "33.33", "100.00", "100.00", "2.00", "-"]

@@ -31,8 +31,10 @@ def test_identity_at_init(tiny_backbone_factory, name):
     ("mv_adapter", {"temporal": "full"}, True),
     ("mv_adapter", {"temporal": "no_calibration"}, True),
     ("mv_adapter", {"temporal": "none"}, False),
-    ("msta", {"start": 0}, True),
-    ("msta", {"start": 0, "temporal_kernel": (1, 1, 1)}, False),
+    ("msta", {"start": 0, "scale": 1.0}, True),
+    ("msta", {"start": 0, "scale": 1.0, "temporal_kernel": (1, 1, 1)}, False),
+    ("msta", {"start": 0, "scale": 1.0, "temporal": "conv3d"}, True),
+    ("msta", {"start": 0, "scale": 1.0, "temporal": "none"}, False),
 ])
 def test_temporal_mixing(tiny_backbone_factory, name, cfg, mixes):
     model = apply_method(tiny_backbone_factory(0), make_config(name, **cfg))
@@ -40,7 +42,9 @@ def test_temporal_mixing(tiny_backbone_factory, name, cfg, mixes):
     edited = VIDEO.clone()
     edited[:, 0] += 1.0
     with torch.no_grad():
-        a, b = model.encode_video(VIDEO)[:, 2], model.encode_video(edited)[:, 2]
+        # frame 1: with 2 blocks and MSTA's block-parallel form, frame 0's pixels reach the
+        # neighbouring frame's CLS through the second block's temporal conv
+        a, b = model.encode_video(VIDEO)[:, 1], model.encode_video(edited)[:, 1]
     assert (not torch.allclose(a, b, atol=1e-6)) == mixes
 
 
@@ -93,7 +97,7 @@ def test_msta_shared_middle_projection_and_top_layers(tiny_backbone_factory):
 
 
 def test_msta_consistency_loss(tiny_backbone_factory):
-    model = apply_method(tiny_backbone_factory(0), make_config("msta", start=0))
+    model = apply_method(tiny_backbone_factory(0), make_config("msta", start=0, scale=1.0))
     captions = ["the red circle moves left", "a blue square appears"]
     desc = ["the red circle moves left", "a blue square appears"]
     tokens = model.tokenize(captions)
@@ -118,14 +122,15 @@ def test_msta_consistency_loss_through_the_trainer(tiny_backbone_factory):
     from xmodal.engine.loss import contrastive_loss
     from xmodal.engine.train import Trainer
 
-    model = apply_method(tiny_backbone_factory(0), make_config("msta", start=0))
+    model = apply_method(tiny_backbone_factory(0), make_config("msta", start=0, scale=1.0))
     _randomise(model)
     captions = ["the red circle moves left", "a blue square appears"]
     desc = [["from second 1 the red circle moves to the left", "a red circle"], ["a blue square appears", ""]]
     batch = {"tokens": model.tokenize(captions), "pixels": torch.randn(2, 2, 3, 32, 32),
              "frame_mask": torch.ones(2, 2, dtype=torch.bool), "captions": captions,
              "desc_tokens": torch.stack([model.tokenize(d) for d in desc]),
-             "desc_mask": torch.tensor([[True, True], [True, False]])}
+             "desc_mask": torch.tensor([[True, True], [True, False]]),
+             "desc_kind": torch.tensor([[1, 0], [1, -1]])}  # temporal, spatial | temporal, padding
     head = SimilarityHead("mean")
     trainer = Trainer(model, head, TrainConfig(lr=1e-3, device="cpu", precision="fp32", progress=False), 10)
     with torch.no_grad():

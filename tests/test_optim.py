@@ -178,3 +178,33 @@ def test_precision_resolution_and_fp16_scaler(tiny_backbone):
     assert state["scale"] > 0
     bf = Trainer(model, SimilarityHead(), TrainConfig(lr=1e-3, precision="bf16"), total_steps=2)
     assert bf.scaler is None and math.isfinite(bf.step([_batch(model)]).loss)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_no_backward_below_the_lowest_trainable_block(tiny_backbone_factory, grad_checkpoint):
+    """MSTA adapts only the top block(s): backward must stop there, whatever lies below is
+    never differentiated (hooks on the lower blocks never see a gradient)."""
+    model = apply_method(tiny_backbone_factory(0), make_config("msta"))  # start="auto": top 5/12
+    sites = {m: [i for i, b in enumerate(model.backbone.blocks(m))
+                 if any(h for h in (b._forward_hooks, b._forward_pre_hooks))
+                 or any(sub._forward_hooks or sub._forward_pre_hooks for sub in b.modules())]
+             for m in ("vision", "text")}
+    lowest = {m: min(s) for m, s in sites.items() if s}
+    assert lowest and all(i > 0 for i in lowest.values()), sites  # something lies below to check
+    seen = []
+    handles = []
+    for m in ("vision", "text"):
+        for i, block in enumerate(model.backbone.blocks(m)):
+            handles.append(block.register_full_backward_hook(lambda *a, m=m, i=i: seen.append((m, i))))
+    trainer = Trainer(model, SimilarityHead("mean"),
+                      TrainConfig(lr=1e-3, precision="fp32", grad_checkpoint_frozen=grad_checkpoint), total_steps=2)
+    try:
+        trainer.step([_batch(model)])
+    finally:
+        trainer.close()
+        for h in handles:
+            h.remove()
+    below = [(m, i) for m, i in seen if m in lowest and i < lowest[m]]
+    assert not below, f"backward reached blocks below the lowest trainable site {lowest}: {sorted(set(below))}"
+    assert any(m in lowest and i >= lowest[m] for m, i in seen)  # the adapted blocks were differentiated

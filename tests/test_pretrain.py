@@ -52,8 +52,8 @@ def test_retrieval_metrics_ranks():
     sim = torch.eye(4)
     m = retrieval_metrics(sim, torch.arange(4))
     assert m["t2v/R@1"] == 100.0 and m["v2t/R@1"] == 100.0 and m["t2v/MdR"] == 1.0
-    m = retrieval_metrics(torch.ones(4, 4), torch.arange(4))  # a constant model is ranked last
-    assert m["t2v/R@1"] == 0.0 and m["t2v/MnR"] == 4.0
+    m = retrieval_metrics(torch.ones(4, 4), torch.arange(4))  # a constant model scores chance, as in eval
+    assert m["t2v/R@1"] == 25.0 and m["t2v/MnR"] == 2.5 and m["t2v/tied_queries"] == 4
 
 
 def test_retrieval_metrics_with_several_captions_per_image():

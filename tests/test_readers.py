@@ -372,3 +372,52 @@ def test_registry_and_read_dataset_checks(tmp_path):
     spec = read_dataset("lsmdc", FIX / "lsmdc", "test", drop_missing=True)
     assert isinstance(spec, DatasetSpec) and len(spec) == 1 and spec.missing_media == 2
     assert isinstance(spec.items[0], Item) and Path(spec.items[0].media).is_absolute()
+
+
+# ------------------------------------------------------------------ protocol defaults
+def test_protocol_defaults_match_readers_and_shipped_configs(shared_data):
+    import yaml
+
+    from xmodal.data.readers import protocol_defaults
+
+    keys = {"num_frames", "max_words", "test_split", "train_split", "paragraph", "kind", "source"}
+    assert keys <= set(protocol_defaults("didemo"))
+    assert {k: protocol_defaults("didemo")[k] for k in ("num_frames", "max_words", "paragraph", "kind")} == \
+        {"num_frames": 64, "max_words": 64, "paragraph": True, "kind": "video"}
+    assert protocol_defaults("ANet")["test_split"] == "val_1" and protocol_defaults("anet")["num_frames"] == 64
+    assert protocol_defaults("msr-vtt")["num_frames"] == 12 and protocol_defaults("msrvtt")["max_words"] == 32
+    assert protocol_defaults("coco")["kind"] == "image" and protocol_defaults("f30k")["captions_per_item"] == 5
+    assert "CLIP4Clip" in protocol_defaults("msvd")["source"]
+    protocol_defaults("lsmdc")["num_frames"] = 99  # a copy: the table itself is not changed
+    assert protocol_defaults("lsmdc")["num_frames"] == 12
+    with pytest.raises(XModalError, match="unknown dataset 'webvid'"):
+        protocol_defaults("webvid")
+    # every shipped config evaluates the protocol's test split; the Cross-Modal Adapter ones
+    # (whose paper the table cites) use its frames and words too (other methods' configs may
+    # follow their own papers, e.g. MV-Adapter's 32 frames on ActivityNet)
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    cma = [p for p in configs if "_cross_modal_adapter_" in p.name]
+    assert len(cma) >= 7
+    for path in configs:
+        data = yaml.safe_load(path.read_text())["data"]
+        proto = protocol_defaults(data["dataset"])
+        assert data["eval_split"] == proto["test_split"], path.name
+        assert read_split_name(data["dataset"], data["train_split"]) == read_split_name(data["dataset"], proto["train_split"])
+        if path in cma:
+            assert (data["num_frames"], data["max_words"]) == (proto["num_frames"], proto["max_words"]), path.name
+    # the readers' test splits under the protocol's split names keep the published counts
+    ann = shared_data / "annotations"
+    counts = {"msrvtt": (ann / "msrvtt", 1000, 1000), "msvd": (ann / "msvd", 670, 27763),
+              "didemo": (ann / "didemo", 1004, 1004), "activitynet": (ann / "activitynet", 4917, 4917),
+              "coco": (ann / "coco", 5000, 25000), "flickr30k": (ann / "flickr30k", 1000, 1000)}
+    for name, (root, n_items, n_captions) in counts.items():
+        proto = protocol_defaults(name)
+        spec = read_dataset(name, root, proto["test_split"])
+        assert (len(spec), spec.num_captions) == (n_items, n_captions), name
+        assert spec.max_frames == proto["num_frames"] and spec.paragraph == proto["paragraph"], name
+        assert spec.kind == proto["kind"], name
+
+
+def read_split_name(dataset: str, split: str) -> str:
+    """MSR-VTT's `train` is its `train_9k`."""
+    return "train_9k" if (dataset, split) == ("msrvtt", "train") else split

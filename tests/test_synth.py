@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -13,8 +15,10 @@ from PIL import Image
 
 from xmodal.cli import main
 from xmodal.errors import XModalError
+from xmodal.synth import captions as phr
 from xmodal.synth import events as ev
 from xmodal.synth import read_jsonl, write_image_corpus, write_shifted_images, write_video_set
+from xmodal.synth.camera import Camera, film
 from xmodal.synth.scenes import (
     COLOURS, SHAPES, Shape, Thing, cell_centre, dark_background, plain_background, radius_px, render,
 )
@@ -25,7 +29,7 @@ FPS, SPE = 2.0, 4.0  # small clips for tests: 8 s at 2 fps = 16 frames
 @pytest.fixture(scope="module")
 def video_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("videos")
-    write_video_set(out, n=20, n_test=8, seed=5, fps=FPS, seconds_per_event=SPE, events=2, group_size=4,
+    write_video_set(out, n=28, n_test=8, n_order=8, seed=5, fps=FPS, seconds_per_event=SPE, events=2, group_size=4,
                     captions_train=3, captions_test=1, progress=False)
     return out
 
@@ -117,7 +121,7 @@ def test_videos_same_seed_identical_pixels(tmp_path):
 def test_encoded_clip_matches_the_rendered_frames(tmp_path, codec):
     write_video_set(tmp_path, n=2, n_test=1, seed=0, fps=FPS, seconds_per_event=SPE, codec=codec, progress=False)
     row, meta = read_jsonl(tmp_path / "test.jsonl")[0], read_jsonl(tmp_path / "meta/test.jsonl")[0]
-    rendered = ev.render_clip(ev.Story.from_dict(meta["story"]), FPS, SPE, 64)
+    rendered = film(ev.render_clip(ev.Story.from_dict(meta["story"]), FPS, SPE, 64), Camera.from_dict(meta["camera"]))
     decoded = decode(tmp_path / row["video"])
     assert decoded.shape == rendered.shape
     assert np.abs(decoded.astype(int) - rendered).mean() < 5.0
@@ -133,7 +137,7 @@ def test_jsonl_format(which, request):
     info = json.loads((folder / "synth.json").read_text())
     key = "image" if which == "image_set" else "video"
     seen = set()
-    for split in ("train", "test"):
+    for split in ("train", "test") + (("test_order",) if key == "video" else ()):
         rows = read_jsonl(folder / f"{split}.jsonl")
         assert len(rows) == info["counts"][split]
         for row in rows:
@@ -142,17 +146,18 @@ def test_jsonl_format(which, request):
             seen.add(row["id"])
             assert not Path(row[key]).is_absolute() and (folder / row[key]).is_file()
             assert row["captions"] and all(isinstance(c, str) and c for c in row["captions"])
-            if key == "video":
-                assert len(row["descriptions"]) == 4  # start, two events, end
+            if key == "video":  # spatial: start and end scene; temporal: the two events in order
+                assert [len(row["descriptions"][k]) for k in ("spatial", "temporal")] == [2, 2]
                 frames = decode(folder / row[key])
                 assert frames.shape == (int(2 * SPE * FPS), 64, 64, 3)
             else:
                 assert Image.open(folder / row[key]).size == (64, 64)
-    assert info["counts"] == {"train": 12 if key == "video" else 40, "test": 8 if key == "video" else 20}
+    assert info["counts"] == ({"train": 12, "test": 8, "test_order": 8} if key == "video" else {"train": 40, "test": 20})
 
 
 def test_video_captions_per_split(video_set):
-    assert all(len(r["captions"]) == 1 for r in read_jsonl(video_set / "test.jsonl"))
+    assert all(len(r["captions"]) == 1 for split in ("test", "test_order")
+               for r in read_jsonl(video_set / f"{split}.jsonl"))
     assert all(len(r["captions"]) == 3 and len(set(r["captions"])) == 3 for r in read_jsonl(video_set / "train.jsonl"))
 
 
@@ -186,11 +191,15 @@ def _event_frames(k: int) -> tuple:
 
 
 def test_video_frames_show_the_described_events(video_set):
+    """Each clip file is its story filmed; the story, drawn on black without the camera, shows its events."""
     checked = {kind: 0 for kind in ev.EVENT_KINDS}
     for split in ("train", "test"):
         for row, meta in zip(read_jsonl(video_set / f"{split}.jsonl"), read_jsonl(video_set / "meta" / f"{split}.jsonl")):
             story = ev.Story.from_dict(meta["story"])
-            frames = decode(video_set / row["video"])
+            filmed = film(ev.render_clip(story, FPS, SPE, 64), Camera.from_dict(meta["camera"]))
+            assert np.abs(decode(video_set / row["video"]).astype(int) - filmed).mean() < 5.0
+            black = replace(story, background={"kind": "light", "rgb": [0, 0, 0]})
+            frames = ev.render_clip(black, FPS, SPE, 64)
             for k, e in enumerate(story.events):
                 a = story.actors[e.actor]
                 i0, i1 = _event_frames(k)
@@ -217,6 +226,14 @@ def test_video_frames_show_the_described_events(video_set):
     assert sum(checked.values()) == 2 * 20 and sum(v > 0 for v in checked.values()) >= 4
 
 
+_WORDS = {"colour": {**{c: c for c in COLOURS}, **{w: c for c, ws in phr._COLOUR_SYNONYMS.items() for w in ws}},
+          "shape": {**{s: s for s in SHAPES}, **{w: s for s, ws in phr._SHAPE_SYNONYMS.items() for w in ws}}}
+
+
+def _alternatives(words) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
 _VERBS = {
     "move": r"(moves|slides|goes)( to the)? (?P<dir>left|right|up|down)",
     "appear": r"(appears|shows up|pops up)",
@@ -229,7 +246,7 @@ _VERBS = {
 
 def parse_caption(caption: str) -> list:
     """Events (kind, colour, shape, detail) of a caption, in the temporal order the text states."""
-    colours, shapes = "|".join(COLOURS), "|".join(SHAPES)
+    colours, shapes = _alternatives(_WORDS["colour"]), _alternatives(_WORDS["shape"])
     clause = re.compile(rf"(?:the|a|an) (?:\w+ )?(?P<colour>{colours}) (?P<shape>{shapes}) (?P<rest>.*?)"
                         rf"(?=, then|, and after that| before |, and finally|; next|; last|\. then|, |$| after )")
     found = []
@@ -237,8 +254,9 @@ def parse_caption(caption: str) -> list:
         for kind, pattern in _VERBS.items():
             v = re.match(pattern, m.group("rest"))
             if v:
-                detail = v.groupdict().get("dir") or v.groupdict().get("col")
-                found.append((m.start(), (kind, m.group("colour"), m.group("shape"), detail)))
+                detail = v.groupdict().get("dir") or _WORDS["colour"].get(v.groupdict().get("col"))
+                found.append((m.start(), (kind, _WORDS["colour"][m.group("colour")], _WORDS["shape"][m.group("shape")],
+                                          detail)))
                 break
     found.sort()
     events = [f for _, f in found]
@@ -250,7 +268,7 @@ def parse_caption(caption: str) -> list:
 
 def test_captions_state_the_events_in_order(video_set):
     n = 0
-    for split in ("train", "test"):
+    for split in ("train", "test", "test_order"):
         for row, meta in zip(read_jsonl(video_set / f"{split}.jsonl"), read_jsonl(video_set / "meta" / f"{split}.jsonl")):
             story = ev.Story.from_dict(meta["story"])
             expected = []
@@ -261,26 +279,40 @@ def test_captions_state_the_events_in_order(video_set):
             for caption in row["captions"]:
                 assert parse_caption(caption) == expected, caption
                 n += 1
-    assert n == 12 * 3 + 8
+    assert n == 12 * 3 + 8 + 8
 
 
 def test_parser_reads_order_from_connectives():
     assert [e[0] for e in parse_caption("a blue square appears after the red circle moves left")] == ["move", "appear"]
     assert [e[0] for e in parse_caption("after the red circle moves left, a blue square appears")] == ["move", "appear"]
     assert [e[0] for e in parse_caption("the red circle moves left before a blue square appears")] == ["move", "appear"]
+    assert parse_caption("the violet round disk turns turquoise, then a big block pops up in the upper left")[:1] == \
+        [("recolour", "purple", "circle", "cyan")]
 
 
 # ---------------------------------------------------------------------- hard negatives
-def test_hard_negative_groups_differ_only_in_time(video_set):
-    metas = read_jsonl(video_set / "meta" / "test.jsonl")
+def _groups(video_set, split):
     groups = {}
-    for m in metas:
+    for m in read_jsonl(video_set / "meta" / f"{split}.jsonl"):
         groups.setdefault(m["group"], []).append(m)
+    return groups
+
+
+def test_main_test_set_has_distinct_stories_and_the_order_subset_holds_the_hard_negatives(video_set):
+    assert [len(g) for g in _groups(video_set, "test").values()] == [1] * 8
+    assert [len(g) for g in _groups(video_set, "test_order").values()] == [4, 4]
+    sizes = [len(g) for g in _groups(video_set, "train").values()]
+    assert set(sizes[:-1]) <= {1, 4} and {1, 4} <= set(sizes) and sum(sizes) == 12  # training mixes both kinds
+
+
+def test_hard_negative_groups_differ_only_in_time(video_set):
+    groups = _groups(video_set, "test_order")
     assert [len(g) for g in groups.values()] == [4, 4]
     for members in groups.values():
         stories = {m["variant"]: ev.Story.from_dict(m["story"]) for m in members}
         base = stories["base"]
         assert stories["swapped"].events == tuple(reversed(base.events))
+        assert all(m["camera"] == members[0]["camera"] for m in members)
         for s in stories.values():
             assert [(a.shape, a.texture) for a in s.actors] == [(a.shape, a.texture) for a in base.actors]
             assert s.background == base.background and s.jitter == base.jitter
@@ -319,6 +351,34 @@ def test_shifted_set_has_new_backgrounds_and_several_phrasings(tmp_path):
     assert re.search(r"\b(disc|box|block|rhombus|plus sign|plus shape|star shape|five-pointed star|three-sided)\b", words)
 
 
+def test_video_world_is_shifted_from_pretraining_in_look_and_words(video_set, image_set):
+    """Brighter, textured backdrops through a camera (colour cast, noise) and words pretraining never used."""
+    pretrain_words = {w for r in read_jsonl(image_set / "train.jsonl") for c in r["captions"] for w in c.split()}
+    rows = [r for split in ("train", "test") for r in read_jsonl(video_set / f"{split}.jsonl")]
+    words = {w for r in rows for c in r["captions"] for w in re.findall(r"[\w-]+", c)}
+    synonyms = {w for ws in (*phr._SHAPE_SYNONYMS.values(), *phr._COLOUR_SYNONYMS.values()) for x in ws
+                for w in x.split()}
+    assert len((words & synonyms) - pretrain_words) >= 4
+    pretrain_mean = np.mean([np.asarray(Image.open(image_set / r["image"])).mean()
+                             for r in read_jsonl(image_set / "train.jsonl")])
+    first_frames = [decode(video_set / r["video"])[0] for r in rows]
+    assert np.mean([f.mean() > pretrain_mean + 30 for f in first_frames]) > 0.8
+    metas = [m for split in ("train", "test") for m in read_jsonl(video_set / "meta" / f"{split}.jsonl")]
+    assert all(m["camera"]["noise"] > 0 and m["camera"]["gain"] != [1.0, 1.0, 1.0] for m in metas)
+    assert {m["story"]["background"]["kind"] for m in metas} <= {"gradient", "noise", "light"}
+
+
+def test_pretraining_corpus_is_unchanged(tmp_path):
+    """`xmodal synth images` feeds the committed xmodal-tiny weights: its files must not change."""
+    write_image_corpus(tmp_path, n=30, n_test=10, seed=0, progress=False)
+    h = hashlib.sha256()
+    for f in sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != "synth.json"):
+        h.update(str(f.relative_to(tmp_path)).encode())
+        h.update(f.read_bytes())
+    assert h.hexdigest() == "9ae159f36d15c2e0593d8af83615bcc358db3429a7b398082e7be4681f6d3b0c"
+    assert json.loads((tmp_path / "synth.json").read_text())["generator_version"] == 1
+
+
 # ---------------------------------------------------------------------------------- CLI
 def test_cli_synth_and_errors(tmp_path, capsys):
     assert main(["synth", "images", "--out", str(tmp_path / "i"), "--n", "5", "--split-test", "2",
@@ -329,5 +389,8 @@ def test_cli_synth_and_errors(tmp_path, capsys):
     assert main(["synth", "videos", "--out", str(tmp_path / "v"), "--n", "4", "--split-test", "4",
                  "--no-progress"]) == 2
     assert "--split-test=4" in capsys.readouterr().err
+    assert main(["synth", "videos", "--out", str(tmp_path / "v"), "--n", "8", "--split-test", "4",
+                 "--split-order", "4", "--no-progress"]) == 2
+    assert "--split-order=4" in capsys.readouterr().err and not (tmp_path / "v").exists()
     with pytest.raises(XModalError, match="events"):
         write_video_set(tmp_path / "w", n=4, n_test=1, events=5, progress=False)

@@ -45,18 +45,19 @@ def test_ablation_rows_are_valid_configs_and_defaults_reuse_main_runs(table):
     main = {r.slug for r in table.main_rows()}
     rows = table.ablation_rows()
     groups = {r.group for r in rows}
-    assert len(groups) == 6
+    assert len(groups) == 7
     for row in rows:
         cfg = config_from_dict({"method": row.method, **dict(row.options)})
         for key, value in row.options:
             assert getattr(cfg, key) == value
     defaults = [r for r in rows if not r.options]
     assert {r.slug for r in defaults} <= main  # one default per axis, trained once in the main table
-    assert len({r.slug for r in rows}) == 12 + 2  # 12 non-default settings + the two default configs
+    assert len({r.slug for r in rows}) == 13 + 3  # 13 non-default settings + the three default configs
     assert table.Row("x", "cross_modal_adapter", (("cmt", False),)).slug == "cross_modal_adapter-cmt=false"
 
 
-ARGS = ["--backbone", "xmodal-test", "--pretrained", "none", "--videos", "16", "--images", "12", "--test", "8",
+ARGS = ["--backbone", "xmodal-test", "--pretrained", "none", "--videos", "20", "--order", "4", "--images", "12",
+        "--test", "8",
         "--batch", "4", "--frames", "2", "--video-steps", "1", "--image-steps", "1", "--seeds", "0,1",
         "--methods", "projection,cross_modal_adapter", "--no-ablations", "--no-memory", "--speed-rounds", "1",
         "--threads", "1"]
@@ -84,6 +85,9 @@ def test_table_end_to_end_resumes_and_reports(table, tmp_path, capsys):
     assert video["zero_shot"]["trainable"] == 0 and video["zero_shot"]["seeds"] == [0]
     assert 0 < video["cross_modal_adapter"]["trainable"] < video["cross_modal_adapter"]["total"]
     assert all(r["updates"] == 1 for r in recs)
+    # every trained video model is also measured on the order subset, and the table shows it
+    assert all(set(r["order_metrics"]) == set(r["metrics"]) for r in recs)
+    assert "order_metrics" in video["cross_modal_adapter"]
     assert not (work / "runs").exists() or not any((work / "runs").rglob("*.safetensors"))  # run dirs cleaned
 
     # step time of every trained row, relative to full fine-tuning, at each set's batch shape
@@ -92,7 +96,9 @@ def test_table_end_to_end_resumes_and_reports(table, tmp_path, capsys):
     assert speed["video"]["shape"]["frames"] == 2 and speed["image"]["shape"]["frames"] == 1
 
     md = (out / "table.md").read_text()
-    assert "t2v R@1" in md and "t2i R@1" in md
+    assert "t2v R@1" in md and "t2i R@1" in md and "order subset" in md
+    assert [c["id"] for c in report["claims"]] == ["C1", "C2", "C3", "C4", "C5"]
+    assert "### claims" in md and "| C1 |" in md
     spread = any(c["std"] > 0 for t in report["tables"].values() for e in t for c in e["metrics"].values())
     assert ("±" in md) == spread
     assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -111,3 +117,71 @@ def test_table_end_to_end_resumes_and_reports(table, tmp_path, capsys):
     image_runs = sorted((out / "records" / "image").glob("*/seed*.json"))
     assert all(p.stat().st_mtime_ns != stamps[p] for p in image_runs)
     assert all(json.loads(p.read_text())["protocol"]["lr"] == 0.002 for p in image_runs)
+
+
+# ------------------------------------------------------------- seed policy, claims, curves
+def test_seed_policy_gives_the_claims_methods_every_seed_and_the_rest_one(table):
+    import argparse
+
+    rows = [table.Row("zero-shot", None), table.Row("cma", "cross_modal_adapter"), table.Row("lora", "lora"),
+            table.Row("msta", "msta")]
+    args = argparse.Namespace(seed_list=[0, 1, 2], set_list=["video"])
+    jobs = [(row.slug, seed) for _, row, seed in table.run_order(args, rows, table.ablation_rows())]
+    count = {slug: sum(1 for s, _ in jobs if s == slug) for slug in {s for s, _ in jobs}}
+    assert count["zero_shot"] == 1 and count["lora"] == 1
+    assert count["cross_modal_adapter"] == 3 and count["msta"] == 3
+    assert count["cross_modal_adapter-share=down"] == 3 and count["msta-consistency_weight=0.0"] == 3
+    assert table.seeds_for(table.Row("x", "prompt_tuning"), [4, 5]) == [4]
+
+
+def _rec(slug, values, key="metrics", set_name="video", trainable=1, total=1000):
+    return [{"set": set_name, "row_slug": slug, "seed": k, key: {"t2v/R@1": v}, "trainable": trainable,
+             "total": total} for k, v in enumerate(values)]
+
+
+def test_compare_verdicts_follow_the_two_pooled_std_rule(table):
+    assert table.compare([10, 11, 12], [5, 6, 7])["verdict"] == "reproduced"
+    assert table.compare([5, 6, 7], [10, 11, 12])["verdict"] == "not reproduced"
+    res = table.compare([10, 12, 14], [9, 11, 13])  # diff 1, pooled std 2
+    assert res["verdict"] == table.INCONCLUSIVE and res["diff"] == pytest.approx(1.0)
+    assert res["pooled_std"] == pytest.approx(2.0)
+    assert table.compare([10.0], [5.0])["verdict"] == table.INCONCLUSIVE  # no spread to judge by
+    # "within 1 point": a 0.5-point deficit is within the margin, a 3-point one is not
+    assert table.compare([9.5, 9.6, 9.4], [10.0, 10.1, 9.9], margin=1.0)["verdict"] == "reproduced"
+    assert table.compare([7.0, 7.1, 6.9], [10.0, 10.1, 9.9], margin=1.0)["verdict"] == "not reproduced"
+
+
+def test_claims_are_computed_from_the_records(table):
+    cma, uni, ft = "cross_modal_adapter", "uni_adapter", "full_finetune"
+    records = (_rec(cma, [20, 21, 22]) + _rec(uni, [10, 11, 12]) + _rec(ft, [20.5, 21.5, 22.5], trainable=1000)
+               + _rec("mv_adapter", [40, 41, 42], "order_metrics") + _rec("mv_adapter-temporal=none", [40, 43, 39],
+                                                                          "order_metrics")
+               + _rec(f"{cma}-share=down", [15, 16, 17]) + _rec(f"{cma}-d_s=0", [10, 11, 12])
+               + _rec("msta", [5, 6, 7]) + _rec("msta-consistency_weight=0.0", [9, 10, 11]))
+    verdicts = {c["id"]: c for c in table.claims(records)}
+    assert verdicts["C1"]["verdict"] == "reproduced" and verdicts["C1"]["diff"] == pytest.approx(10.0)
+    assert verdicts["C2"]["verdict"] == "reproduced" and verdicts["C2"]["trainable_pct"] == pytest.approx(0.1)
+    assert verdicts["C3"]["verdict"] == table.INCONCLUSIVE
+    assert verdicts["C4"]["verdict"] == "reproduced"
+    assert verdicts["C5"]["verdict"] == "not reproduced"
+    # the same gap at >= 1 % trainable parameters does not satisfy C2; a missing row is "not run"
+    big = [dict(r, trainable=50) if r["row_slug"] == cma else r for r in records]
+    assert {c["id"]: c for c in table.claims(big)}["C2"]["verdict"] == "not reproduced"
+    assert {c["id"]: c for c in table.claims(records[3:])}["C1"]["verdict"] == "not run"
+    md = table.claims_markdown(table.claims(records))
+    assert "| C5 |" in md and "not reproduced" in md
+
+
+def test_plateau_and_budget_from_curves(table):
+    import math
+
+    decay = [2.0 * math.exp(-i / 30) + 0.5 for i in range(400)]  # settles ~ step 90-120
+    step = table.plateau_step(decay)
+    assert 60 < step < 150
+    assert table.plateau_step([1.0] * 50) == 1  # flat from the start
+    still_falling = [3.0 - 0.005 * i for i in range(300)]
+    assert table.plateau_step(still_falling) > 280  # never settles: the whole run
+    curves = {"video/a": {"set": "video", "plateau_step": 40}, "video/b": {"set": "video", "plateau_step": 95},
+              "image/a": {"set": "image", "plateau_step": 30}}
+    rec = table.recommend_budget(curves, {"video": 18, "image": 31})
+    assert rec["epochs"] == 6 and rec["slowest"] == "video/b"  # ceil(95 / 18)

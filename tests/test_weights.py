@@ -8,6 +8,7 @@ and loaded from the file gives the source model's text/image embeddings.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -146,6 +147,12 @@ def test_a_openclip_tag_from_local_hub_cache(b32, tmp_path):
     assert str(snap / "open_clip_model.safetensors") in model.pretrained
     assert model.clip.visual.conv1.weight.dtype == torch.float32
     assert W.uses_quick_gelu(model.clip) == {"vision": False, "text": False}  # tag trained with GELU
+    assert model.pretrained.endswith("; activation GELU (as OpenCLIP tag laion2b_s34b_b79k was trained)")
+    file = snap / "open_clip_model.safetensors"
+    assert model.weights_info == {
+        "pretrained": "laion2b_s34b_b79k", "weights_path": str(file),
+        "weights_sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "activation": "gelu", "format": "openclip-tag",
+    }
     _assert_same_embeddings(model, b32)
 
 
@@ -182,7 +189,8 @@ def test_b_openai_torchscript_archive(b32, b32_quick, tmp_path):
 
     model = create_backbone("ViT-B-32", pretrained=str(path), seed=2)
     assert W.uses_quick_gelu(model.clip) == {"vision": True, "text": True}
-    assert model.pretrained.startswith(f"{path.resolve()} (TorchScript archive); activation set to match the weights")
+    assert model.pretrained.startswith(f"{path.resolve()} (TorchScript archive); activation QuickGELU (set to match")
+    assert model.weights_info["format"] == "openai-torchscript" and model.weights_info["activation"] == "quick_gelu"
     _assert_same_embeddings(model, b32_quick)
 
 
@@ -196,7 +204,9 @@ def test_c_openclip_training_checkpoint_with_ddp_prefix(b32, tmp_path):
     before_text, _ = _embed(model, b32.tokens, b32.images)
     assert not torch.allclose(before_text, b32.text, atol=1e-3)  # a different model before loading
     source = W.load_pretrained(model.clip, "ViT-B-32", str(path))
-    assert source == str(path.resolve())
+    # the file says nothing about its activation: the architecture's is kept, and the description says so
+    assert source == f"{path.resolve()}; activation GELU (the architecture's default: the weights do not say " \
+        f"which activation they were trained with)"
     assert W.uses_quick_gelu(model.clip) == {"vision": False, "text": False}  # file says nothing: unchanged
     _assert_same_embeddings(model, b32)
 
@@ -225,7 +235,8 @@ def test_d_huggingface_clipmodel_directory(b32, tmp_path):
     del hf
 
     model = create_backbone("ViT-B-32", pretrained=str(directory), seed=2)
-    assert model.pretrained == f"{directory.resolve()} (Hugging Face CLIPModel)"
+    assert model.pretrained == f"{directory.resolve()} (Hugging Face CLIPModel); activation GELU (from config.json hidden_act)"
+    assert model.weights_info["format"] == "hf-directory" and model.weights_info["weights_path"] == str(directory.resolve())
     _assert_same_embeddings(model, b32)
 
 
@@ -452,5 +463,5 @@ def test_corrupt_files_fail_with_the_path(tmp_path):
         W.read_checkpoint(bad)
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(XModalError, match="trunc.pt: not a readable PyTorch checkpoint"):
+    with pytest.raises(XModalError, match="trunc.pt: not a readable zip archive"):
         W.read_checkpoint(trunc)

@@ -4,27 +4,34 @@ Evaluation encodes every caption and every gallery item once, offline, then scor
 pairs. These helpers do that for a `DualEncoder` or an `AdaptedModel` (anything with
 `tokenize`, `encode_text`, `encode_image`, `encode_video`):
 
-* the model runs in eval mode under `torch.no_grad()` and is given back in exactly the
-  train/eval state of each of its submodules that it came with;
+* the model runs in eval mode under `torch.inference_mode()` (no autograd bookkeeping at all)
+  and is given back in exactly the train/eval state of each of its submodules that it came
+  with; the returned tensors are ordinary tensors (usable later with autograd or in place);
 * on a CUDA device the forward runs under bf16 autocast (`amp=None` = automatic), on CPU
   in the model's own precision; inputs are cast to the model's parameter dtype;
 * results are float32, unnormalised (call `normalize` where the method needs cosine
   similarity) and collected on `output_device` (CPU by default: a gallery can be larger
   than accelerator memory);
-* a tqdm bar is shown when stderr is a terminal (`progress=None`), or forced on/off.
+* on CUDA nothing synchronises per batch: inputs go to the device from pinned host memory
+  with non-blocking copies (DataLoader batches built with `pin_memory=True` are used as they
+  are, others are pinned on the fly) and results come back by non-blocking copies into
+  pinned buffers, with one synchronisation at the end. So the host prepares (or the
+  loader's workers decode) batch i+1 while the GPU encodes batch i; big batches
+  (`batch_size`, or the loader's) keep the GPU busy;
+* progress is shown when stderr is a terminal (`progress=None`), or forced on/off (plain periodic
+  lines instead of a bar when stderr is a file; see `xmodal.progress`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from xmodal.errors import XModalError
+from xmodal.progress import progress as progress_bar
 
 Device = Union[str, torch.device, None]
 
@@ -61,13 +68,6 @@ def _resolve_device(model: nn.Module, device: Device) -> torch.device:
     return model_device(model) if device is None else torch.device(device)
 
 
-def _show_progress(progress: Optional[bool]) -> bool:
-    if progress is None:
-        stream = sys.stderr
-        return bool(getattr(stream, "isatty", lambda: False)())
-    return bool(progress)
-
-
 def _check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise XModalError(f"batch_size: expected a positive integer, got {batch_size!r}")
@@ -96,7 +96,7 @@ def autocast(device: torch.device, amp: Optional[bool] = None) -> contextlib.Abs
 
 @contextlib.contextmanager
 def _inference(model: nn.Module, device: torch.device, amp: Optional[bool]) -> Iterator[None]:
-    with eval_mode(model), torch.no_grad(), autocast(device, amp):
+    with eval_mode(model), torch.inference_mode(), autocast(device, amp):
         yield
 
 
@@ -104,8 +104,46 @@ def _empty(shape: Tuple[int, ...], output_device: Device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=output_device or "cpu")
 
 
-def _collect(x: torch.Tensor, output_device: Device) -> torch.Tensor:
-    return x.float().to(output_device or "cpu")
+def to_device(x: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host -> GPU without blocking the host (pinned source, non_blocking), then the dtype cast
+    on the device; elsewhere a plain `.to` (CPU: the very same values as before)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        if not x.is_pinned():
+            x = x.pin_memory()  # the caching host allocator keeps it alive until the copy is done
+        x = x.to(device, non_blocking=True)
+        return x if dtype is None else x.to(dtype)
+    return x.to(device=device, dtype=dtype) if dtype is not None else x.to(device)
+
+
+class _Collector:
+    """Per-batch results -> float32 on `output_device`, without a synchronisation per batch:
+    GPU -> CPU copies land in pinned buffers with non_blocking=True; `tensors()` waits once."""
+
+    def __init__(self, output_device: Device):
+        self.output_device = torch.device(output_device or "cpu")
+        self.parts: List[torch.Tensor] = []
+        self.pending = False
+
+    def add(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.device.type == "cuda" and self.output_device.type == "cpu":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            self.pending = True
+            x = host
+        else:
+            x = x.to(self.output_device)
+        self.parts.append(x)
+        return x
+
+    def wait(self) -> None:
+        if self.pending:
+            torch.cuda.synchronize()
+            self.pending = False
+
+    def tensors(self) -> List[torch.Tensor]:
+        self.wait()
+        return self.parts
 
 
 def _empty_dim(model: nn.Module, what: str) -> int:
@@ -142,16 +180,16 @@ def encode_texts(
     if not texts:
         return _empty((0, _empty_dim(model, "texts")), output_device)
     dev = _resolve_device(model, device)
-    parts: List[torch.Tensor] = []
-    with _inference(model, dev, amp), tqdm(
-        total=len(texts), desc="texts", unit="text", disable=not _show_progress(progress), leave=False
+    out = _Collector(output_device)
+    with _inference(model, dev, amp), progress_bar(
+        total=len(texts), desc="texts", unit="text", enabled=progress, leave=False
     ) as bar:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            tokens = model.tokenize(chunk, max_words=max_words).to(dev)
-            parts.append(_collect(model.encode_text(tokens), output_device))
+            tokens = to_device(model.tokenize(chunk, max_words=max_words), dev)
+            out.add(model.encode_text(tokens))
             bar.update(len(chunk))
-    return torch.cat(parts, dim=0)
+    return torch.cat(out.tensors(), dim=0)
 
 
 # ----------------------------------------------------------------------- images
@@ -190,14 +228,15 @@ def encode_images(
         total: Optional[int] = images.shape[0]
     else:
         batches, total = images, None
-    parts: List[torch.Tensor] = []
-    with _inference(model, dev, amp), tqdm(
-        total=total, desc="images", unit="img", disable=not _show_progress(progress), leave=False
+    out = _Collector(output_device)
+    with _inference(model, dev, amp), progress_bar(
+        total=total, desc="images", unit="img", enabled=progress, leave=False
     ) as bar:
         for i, batch in enumerate(batches):
             pixels = _image_batch(batch, f"images batch {i}")
-            parts.append(_collect(model.encode_image(pixels.to(device=dev, dtype=dtype)), output_device))
+            out.add(model.encode_image(to_device(pixels, dev, dtype)))
             bar.update(pixels.shape[0])
+    parts = out.tensors()
     if not parts:
         return _empty((0, _empty_dim(model, "images")), output_device)
     return torch.cat(parts, dim=0)
@@ -243,16 +282,16 @@ def encode_videos(
         return _empty((0, f, _empty_dim(model, "videos")), output_device)
     dev = _resolve_device(model, device)
     dtype = _param_dtype(model)
-    parts: List[torch.Tensor] = []
-    with _inference(model, dev, amp), tqdm(
-        total=b, desc="videos", unit="clip", disable=not _show_progress(progress), leave=False
+    out = _Collector(output_device)
+    with _inference(model, dev, amp), progress_bar(
+        total=b, desc="videos", unit="clip", enabled=progress, leave=False
     ) as bar:
         for start in range(0, b, batch_size):
-            clips = videos[start : start + batch_size].to(device=dev, dtype=dtype)
-            m = mask[start : start + batch_size].to(dev)
-            parts.append(_collect(model.encode_video(clips, m), output_device))
+            clips = to_device(videos[start : start + batch_size], dev, dtype)
+            m = to_device(mask[start : start + batch_size], dev)
+            out.add(model.encode_video(clips, m))
             bar.update(clips.shape[0])
-    return torch.cat(parts, dim=0)
+    return torch.cat(out.tensors(), dim=0)
 
 
 def encode_loader(
@@ -274,15 +313,15 @@ def encode_loader(
     """
     dev = _resolve_device(model, device)
     dtype = _param_dtype(model)
-    feats: List[torch.Tensor] = []
+    collector = _Collector(output_device)
     masks: List[torch.Tensor] = []
     indices: List[torch.Tensor] = []
     try:
         total = len(loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    with _inference(model, dev, amp), tqdm(
-        total=total, desc="gallery", unit="batch", disable=not _show_progress(progress), leave=False
+    with _inference(model, dev, amp), progress_bar(
+        total=total, desc="gallery", unit="batch", enabled=progress, leave=False
     ) as bar:
         for i, batch in enumerate(loader):
             where = f"loader batch {i}"
@@ -300,10 +339,10 @@ def encode_loader(
                 if not isinstance(index, torch.Tensor) or tuple(index.shape) != (b,):
                     raise XModalError(f"{where}: return_index=True needs an 'index' tensor of shape ({b},)")
                 indices.append(index.detach().to(torch.long).cpu())
-            out = model.encode_video(pixels.to(device=dev, dtype=dtype), mask.to(dev))
-            feats.append(_collect(out, output_device))
+            collector.add(model.encode_video(to_device(pixels, dev, dtype), to_device(mask, dev)))
             masks.append(mask.to(output_device or "cpu"))
             bar.update(1)
+    feats = collector.tensors()
     if not feats:
         raise XModalError("loader: yielded no batches; expected at least one batch of visual items")
     f_max = max(x.shape[1] for x in feats)
@@ -323,6 +362,7 @@ def encode_loader(
 
 __all__ = [
     "autocast",
+    "to_device",
     "encode_images",
     "encode_loader",
     "encode_texts",

@@ -15,3 +15,11 @@ class CheckpointMismatchError(XModalError):
 
 class DataError(XModalError):
     """Malformed annotation or undecodable media."""
+
+
+class MissingMediaError(DataError):
+    """Items of a split whose media files do not exist (`--allow-missing` evaluates the rest)."""
+
+
+class UnreadableMediaError(DataError):
+    """Gallery items whose media files exist but cannot be decoded."""

@@ -218,14 +218,14 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 # --------------------------------------------------------------------------- retrieval
 def retrieval_metrics(sim: torch.Tensor, text_to_visual: torch.Tensor) -> Dict[str, float]:
-    """R@1/5/10 (%), MdR, MnR both ways, ties counted against the query (`xmodal.metrics`).
+    """R@1/5/10 (%), MdR, MnR both ways under the project-wide tie policy (`xmodal.metrics`).
 
-    Pessimistic ties keep a collapsed model (all features equal) honest: it ranks last
-    instead of first.
+    The "mean" policy (expected rank under random tie-breaking) is the one eval and train
+    use too: a collapsed model (all features equal) scores chance, never R@1 = 100.
     """
     from xmodal import metrics
 
-    return metrics.retrieval_metrics(sim.float(), text_to_visual.long(), ties="pessimistic")
+    return metrics.retrieval_metrics(sim.float(), text_to_visual.long(), ties=metrics.DEFAULT_TIES)
 
 
 @torch.no_grad()
@@ -609,7 +609,7 @@ def model_card(s: Dict) -> str:
         lines += [
             f"## Zero-shot retrieval on the held-out split ({m['items']} images, {m['texts']} captions)",
             "",
-            "Evaluated on the released float16 weights. Recall in %, ranks 1-based (ties count against).",
+            "Evaluated on the released float16 weights. Recall in %, ranks 1-based (ties: expected rank under random tie-breaking).",
             "",
             "| direction | R@1 | R@5 | R@10 | MdR | MnR | chance R@1 |",
             "|---|---|---|---|---|---|---|",

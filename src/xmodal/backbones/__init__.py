@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_pretrained": "xmodal.backbones.weights",
     "resolve_pretrained": "xmodal.backbones.weights",
     "save_openclip_checkpoint": "xmodal.backbones.weights",
+    "load_weights": "xmodal.backbones.weights",
 }
 
 __all__ = list(_EXPORTS)

@@ -7,7 +7,7 @@ each tower's residual blocks by modality.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,11 +34,19 @@ class DualEncoder(nn.Module):
         preprocess_train: Optional[Callable] = None,
         preprocess_val: Optional[Callable] = None,
         pretrained: Optional[str] = None,
+        weights_info: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         self.clip = clip
         self.name = name
         self.pretrained = pretrained
+        from xmodal.backbones.activation import activation_name  # open_clip: imported only when built
+
+        # provenance: {"pretrained", "weights_path", "weights_sha256", "activation", "format"}
+        self.weights_info: Dict[str, Any] = dict(weights_info) if weights_info else {
+            "pretrained": "random", "weights_path": None, "weights_sha256": None,
+            "activation": activation_name(clip), "format": "random",
+        }
         self.tokenizer = tokenizer
         self.preprocess_train = preprocess_train
         self.preprocess_val = preprocess_val
@@ -144,8 +152,15 @@ class DualEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor, pixels: torch.Tensor, frame_mask: Optional[torch.Tensor] = None):
         return self.encode_text(tokens), self.encode_visual(pixels, frame_mask)
 
+    @property
+    def activation(self) -> str:
+        """The MLP activation the towers run now: 'quick_gelu', 'gelu' or 'mixed'."""
+        from xmodal.backbones.activation import activation_name
+
+        return activation_name(self.clip)
+
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, pretrained={self.pretrained!r}"
+        return f"name={self.name!r}, pretrained={self.weights_info['pretrained']!r}, activation={self.activation!r}"
 
 
 def block_modules(model: DualEncoder) -> List[tuple]:

@@ -1,8 +1,9 @@
 """Name -> config -> DualEncoder, as open_clip's factory does, plus our own small configs.
 
-`create_backbone("ViT-B-32")` builds a randomly initialised model (no weights needed);
-`pretrained=` takes an OpenCLIP tag or a local checkpoint file/directory, resolved by
-`xmodal.backbones.weights`.
+`create_backbone("ViT-B-32")` (or `pretrained="random"`) builds a randomly initialised model;
+`pretrained=` takes an OpenCLIP tag, a local checkpoint file/directory, or `"xmodal"` (the packaged
+weights), resolved by `xmodal.backbones.weights`. The result carries `weights_info`: where its
+weights came from (tag or path, file read, sha256, format) and which MLP activation it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import open_clip
 import torch
 
 from xmodal.backbones.dual_encoder import DualEncoder
+from xmodal.errors import XModalError
+
+RANDOM = "random"  # pretrained= value for random weights, explicitly asked for
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 _registered = False
@@ -53,22 +57,25 @@ def create_backbone(
     cache_dir: Optional[str] = None,
     seed: Optional[int] = None,
 ) -> DualEncoder:
-    """Build architecture `name` and load `pretrained` weights (None: random init).
+    """Build architecture `name` and load `pretrained` weights (None or "random": random init).
 
     `pretrained` may be an OpenCLIP tag (`openai`, `laion2b_s34b_b79k`, ...), a local OpenAI
-    / OpenCLIP checkpoint file, or a Hugging Face `CLIPModel` directory. Missing weights
+    / OpenCLIP checkpoint file, a Hugging Face `CLIPModel` directory, or "xmodal". Missing weights
     raise `WeightsNotFoundError` naming the architecture and the four ways to supply them.
+    `model.weights_info` = {"pretrained", "weights_path", "weights_sha256", "activation", "format"}.
     """
     register_model_configs()
     if name not in open_clip.list_models():
-        from xmodal.errors import XModalError
-
         raise XModalError(
             f"unknown architecture {name!r}; known: ViT-B-32, ViT-B-16, ViT-L-14, xmodal-tiny, "
             f"xmodal-test and the rest of `open_clip.list_models()`"
         )
     weights = None
-    if pretrained:
+    if pretrained is not None and str(pretrained) == RANDOM:
+        pretrained = None
+    if pretrained is not None and not str(pretrained):
+        raise XModalError("pretrained='' is empty: give an OpenCLIP tag, a checkpoint path, 'xmodal' or 'random'")
+    if pretrained is not None:
         from xmodal.backbones.weights import resolve_pretrained
 
         # find the weights before the (slow) build so a missing file fails fast
@@ -81,12 +88,13 @@ def create_backbone(
             name, pretrained=None, precision="fp32", device="cpu"
         )
     tokenizer = open_clip.get_tokenizer(name)
-    source = None
+    source, info = None, None
     if weights is not None:
-        from xmodal.backbones.weights import load_pretrained
+        from xmodal.backbones.weights import load_weights
 
-        source = load_pretrained(clip, name, weights, cache_dir=cache_dir)
-    model = DualEncoder(clip, name, tokenizer, preprocess_train, preprocess_val, pretrained=source)
+        loaded = load_weights(clip, name, weights, cache_dir=cache_dir)
+        source, info = loaded.description, loaded.info
+    model = DualEncoder(clip, name, tokenizer, preprocess_train, preprocess_val, pretrained=source, weights_info=info)
     model.requires_grad_(False)
     model.eval()
     if precision in ("fp16", "bf16"):

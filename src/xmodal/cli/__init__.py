@@ -27,6 +27,8 @@ COMMANDS = [
     "demo",        # the end-to-end job behind `make demo`
     "index",       # build a retrieval index over a gallery
     "search",      # query an index with text
+    "embed",       # clip-retrieval-layout embedding shards (torchrun / --shard i/N)
+    "serve",       # HTTP search service + web page over indices
 ]
 
 
@@ -59,3 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     except XModalError as exc:
         print(f"xmodal {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `xmodal data inspect ... | head`: the reader went away; exit quietly as Unix tools do.
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -28,7 +28,10 @@ def register(subparsers) -> None:
         help="decode a dataset split once into a frame cache",
         description="Decode every item of a split at --fps (CLIP4Clip's 1 frame per second), shrink frames so "
         "the shorter side is --size, and store them under --out with an index.json; load_clip reads them back "
-        "through FrameCache. Resumable: items already cached from an unchanged source are skipped.",
+        "through FrameCache. The default (npy) cache is lossless: evaluating from it equals decoding, provided "
+        "--size is the model's input size (224 for ViT-B/*, 64 for xmodal-tiny, 32 for xmodal-test). "
+        "Resumable: items already cached from an unchanged source are skipped. Exits with status 1 when any "
+        "item failed (each failure is printed once), unless --skip-missing.",
     )
     p.add_argument("dataset", nargs="?", metavar="DATASET",
                    help="benchmark name (msrvtt, msvd, didemo, activitynet, lsmdc, coco, flickr30k, jsonl)")
@@ -37,16 +40,19 @@ def register(subparsers) -> None:
     p.add_argument("--annotations", metavar="DIR", help="folder with the annotation files (reader default)")
     p.add_argument("--media-dir", metavar="DIR", help="folder with the media files (reader default)")
     p.add_argument("--skip-missing", action="store_true",
-                   help="leave out items whose media file does not exist (default: count them as failures)")
+                   help="leave out items whose media file does not exist, and exit 0 even if some items failed "
+                        "(default: missing files are failures, and any failure makes the exit status 1)")
     p.add_argument("--manifest", metavar="FILE", help="read items from a .jsonl/.json manifest instead of DATASET")
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="cache directory to create or resume")
     p.add_argument("--num-frames", type=int, default=0, metavar="N",
                    help="keep N uniformly sampled frames per clip (default 0: every frame of the fps grid)")
     p.add_argument("--fps", type=float, default=1.0, help="sampling rate in frames per second (default 1)")
-    p.add_argument("--format", dest="fmt", choices=("jpeg", "npy"), default="jpeg",
-                   help="JPEG files per frame, or one uint8 .npy per clip (default: jpeg)")
+    p.add_argument("--format", dest="fmt", choices=("npy", "jpeg"), default="npy",
+                   help="one uint8 .npy per clip, lossless (default), or JPEG files per frame (smaller, LOSSY: "
+                        "metrics change slightly; see the README)")
     p.add_argument("--size", type=int, default=224,
-                   help="shrink frames so the shorter side is this many pixels (0: keep; default 224)")
+                   help="shrink frames so the shorter side is this many pixels; use the model's input size "
+                        "(0: keep the original size; default 224)")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="decoding processes (default 1)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
     p.add_argument("--bench-clips", type=int, default=8, metavar="M",
@@ -118,7 +124,11 @@ def _items_from_dataset(args) -> List[Any]:
     spec = read_dataset(args.dataset, args.root, args.split, drop_missing=args.skip_missing, **opts)
     if args.skip_missing and getattr(spec, "missing_media", 0):
         print(f"{spec.missing_media} items left out: media file does not exist")
-    return list(getattr(spec, "items", spec))
+    items = list(getattr(spec, "items", spec))
+    if not items:
+        raise XModalError(f"extract-frames: {args.dataset} split {args.split!r} under {args.root}: "
+                          f"no items with media found")
+    return items
 
 
 def run(args) -> int:
@@ -129,7 +139,12 @@ def run(args) -> int:
     if args.manifest:
         items = read_manifest(args.manifest, args.root)
         if args.skip_missing:
-            items = [item for item in items if os.path.exists(item["media"])]
+            kept = [item for item in items if os.path.exists(item["media"])]
+            if len(kept) < len(items):
+                print(f"{len(items) - len(kept)} items left out: media file does not exist")
+            items = kept
+        if not items:
+            raise XModalError(f"--manifest {args.manifest}: no items with media found")
     elif args.dataset:
         items = _items_from_dataset(args)
     else:
@@ -142,7 +157,11 @@ def run(args) -> int:
         workers=args.workers, strict=args.strict, progress=not args.no_progress,
         bench_clips=args.bench_clips, echo=print,
     )
-    for media, reason in list(summary["failures"].items())[:20]:
-        print(f"  failed: {media}: {reason}", file=sys.stderr)
+    for media, reason in summary["failures"].items():
+        print(f"failed: {media}: {reason}", file=sys.stderr)
     print(f"summary written to {Path(args.out) / SUMMARY_NAME}")
+    if summary["failed"] and not args.skip_missing:
+        print(f"extract-frames: {summary['failed']} item(s) failed (listed above); the cache lacks them",
+              file=sys.stderr)
+        return 1
     return 0

@@ -2,13 +2,16 @@
 
 Rebuilds the model recorded in the index (backbone, weights, adapter), encodes the queries,
 takes FAISS candidates over mean-pooled features and re-ranks them with the index's pooling
-head (text-conditioned pooling needs the query, so it runs on the candidates only).
+head (text-conditioned pooling needs the query, so it runs on the candidates only);
+`--exact` scores every item with the head instead. Empty queries are refused. An index
+built with `--allow-missing` is partial: a note on stderr says how many items it lacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers) -> None:
@@ -18,36 +21,32 @@ def register(subparsers) -> None:
     p.add_argument("queries", nargs="+", help="text queries")
     p.add_argument("-k", "--top-k", type=int, default=5)
     p.add_argument("--candidates", type=int, default=100, help="FAISS candidates re-ranked per query")
+    p.add_argument("--exact", action="store_true",
+                   help="score every item with the pooling head (no FAISS candidate stage)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.backbones.factory import create_backbone
-    from xmodal.encoding import encode_texts
-    from xmodal.engine.heads import SimilarityHead
     from xmodal.errors import XModalError
-    from xmodal.methods import AdaptedModel
-    from xmodal.retrieval_index import GalleryIndex
+    from xmodal.retrieval_index import GalleryIndex, Searcher, check_queries
 
     if args.top_k < 1:
         raise XModalError(f"--top-k={args.top_k}: expected >= 1")
+    if args.candidates < 1:
+        raise XModalError(f"--candidates={args.candidates}: expected >= 1")
+    queries = check_queries(args.queries)
     index = GalleryIndex.load(args.index)
-    meta = index.meta
-    missing = [k for k in ("backbone", "head") if k not in meta]
-    if missing:
-        raise XModalError(f"{args.index}/gallery.json: missing {missing}; rebuild it with `xmodal index`")
-    model = AdaptedModel(create_backbone(meta["backbone"], meta.get("pretrained"), seed=meta.get("seed")))
-    if meta.get("adapter"):
-        model.load_adapter(meta["adapter"])
-    head = SimilarityHead(**meta["head"])
-    text = encode_texts(model, args.queries, max_words=meta.get("max_words"), progress=False)
-    results = index.search(text, k=args.top_k, rerank=head, candidates=args.candidates)
+    if index.partial:
+        dropped = index.meta.get("dropped") or []
+        print(f"note: {args.index} is partial: {len(dropped)} item(s) of the split were left out for missing or "
+              f"unreadable media (listed under 'dropped' in gallery.json)", file=sys.stderr)
+    results = Searcher(index).search(queries, k=args.top_k, candidates=args.candidates, exact=args.exact)
     if args.json:
-        print(json.dumps([{"query": q, "hits": [h.__dict__ for h in hits]} for q, hits in zip(args.queries, results)],
+        print(json.dumps([{"query": q, "hits": [h.__dict__ for h in hits]} for q, hits in zip(queries, results)],
                          indent=2))
         return 0
-    for q, hits in zip(args.queries, results):
+    for q, hits in zip(queries, results):
         print(f'query: "{q}"')
         for h in hits:
             print(f"  {h.rank}. {h.id}  score {h.score:.3f}  {h.media}")

@@ -7,7 +7,7 @@ import shlex
 
 DEFAULTS = {  # kind -> (n, split-test)
     "images": (20000, 1000),
-    "videos": (800, 200),
+    "videos": (900, 200),
     "shifted-images": (1200, 200),
 }
 
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     helps = {
         "images": "pretraining image-caption corpus (1-3 objects, attribute captions)",
-        "videos": "video-text set with ordered events and temporal hard negatives",
+        "videos": "video-text set (target look and wording) with ordered events; main test + order subset",
         "shifted-images": "image-text set with new backgrounds and phrasings, several captions per image",
     }
     for kind, (n, n_test) in DEFAULTS.items():
@@ -33,6 +33,9 @@ def register(subparsers) -> None:
         p.add_argument("--image-size", type=int, default=64)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if kind == "videos":
+            p.add_argument("--split-order", type=int, default=100, dest="split_order",
+                           help="of --n, how many go to test_order.jsonl: groups of --group-size clips that "
+                                "differ only in event order (default 100)")
             p.add_argument("--events", type=int, default=2, help="events per clip, 1-3 (default 2)")
             p.add_argument("--fps", type=float, default=4.0)
             p.add_argument("--seconds-per-event", type=float, default=4.0)
@@ -52,7 +55,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["xmodal", "synth", args.kind, "--out", str(args.out), "--n", str(args.n),
              "--split-test", str(args.split_test), "--seed", str(args.seed), "--image-size", str(args.image_size)]
     if args.kind == "videos":
-        parts += ["--events", str(args.events), "--fps", f"{args.fps:g}", "--seconds-per-event",
+        parts += ["--split-order", str(args.split_order), "--events", str(args.events), "--fps", f"{args.fps:g}", "--seconds-per-event",
                   f"{args.seconds_per_event:g}", "--group-size", str(args.group_size), "--captions-train",
                   str(args.captions_train), "--captions-test", str(args.captions_test), "--codec", args.codec]
     else:
@@ -69,12 +72,13 @@ def run(args: argparse.Namespace) -> int:
         summary = world.write_video_set(
             args.out, fps=args.fps, seconds_per_event=args.seconds_per_event, events=args.events,
             group_size=args.group_size, captions_train=args.captions_train, captions_test=args.captions_test,
-            codec=args.codec, **common)
+            codec=args.codec, n_order=args.split_order, **common)
     elif args.kind == "images":
         summary = world.write_image_corpus(args.out, captions_per_image=args.captions, **common)
     else:
         summary = world.write_shifted_images(args.out, captions_per_image=args.captions, **common)
     counts = summary["counts"]
-    print(f"wrote {args.kind} to {args.out}: {counts['train']} train, {counts['test']} test items "
+    order = f", {counts['test_order']} order-subset" if counts.get("test_order") else ""
+    print(f"wrote {args.kind} to {args.out}: {counts['train']} train, {counts['test']} test{order} items "
           f"in {summary['seconds']:.1f} s")
     return 0

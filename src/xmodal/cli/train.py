@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + list(args.set_overrides)
     cfg = load_config(args.config, overrides)
+    _resolve_defaults(cfg, args.config, overrides)
     try:
         result = fit(cfg, args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                      source=args.config)
@@ -45,3 +46,29 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dist_utils.cleanup()
     return 0
+
+
+def _resolve_defaults(cfg, config_file: str, overrides) -> None:
+    """Weights must be chosen (xmodal-tiny: its packaged ones); frames/words unset in the YAML
+    follow the dataset's protocol (as `xmodal eval` does), and both are said on the console."""
+    import os
+
+    from xmodal.cli.eval import _protocol, require_weights
+    from xmodal.engine.config import load_yaml, parse_override
+
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *_: None)  # torchrun: rank 0 speaks
+    given = set()
+    for section, values in load_yaml(config_file).items():
+        if isinstance(values, dict):
+            given.update(f"{section}.{k}" for k, v in values.items() if v is not None)
+    given.update(key for key, value in map(parse_override, overrides) if value is not None)
+    how = require_weights(cfg, {}, config_file, flag=False)
+    if "model.pretrained" not in given:
+        say(f"weights: {cfg.model.pretrained} ({how})")
+    if cfg.model.pretrained == "random":
+        say("weights: RANDOM initialisation (model.pretrained=random): the adapter trains on an untrained backbone")
+    protocol = _protocol(cfg.data.dataset) or {}
+    for key in ("num_frames", "max_words"):
+        if f"data.{key}" not in given and protocol.get(key) is not None and getattr(cfg.data, key) != protocol[key]:
+            setattr(cfg.data, key, protocol[key])
+            say(f"data.{key}={protocol[key]} ({cfg.data.dataset} protocol default; set data.{key} to override)")

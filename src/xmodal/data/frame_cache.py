@@ -1,39 +1,43 @@
-"""The frame cache: every item decoded once at `fps`, kept as small JPEGs or one .npy.
+"""The frame cache: every item decoded once at `fps`, kept losslessly (.npy) or, on request, as JPEGs.
 
 Layout of a cache directory:
     index.json            {"version": 1, "items": {item id: entry}}, written atomically
-    <item dir>/000.jpg..  (format "jpeg") or <item dir>/frames.npy (format "npy", uint8 N,H,W,3)
-    extract_summary.json  counts and throughput of the last `extract_frames` run
+    <item dir>/frames.npy (format "npy", uint8 N,H,W,3; the default) or <item dir>/000.jpg.. ("jpeg")
+    extract_summary.json  counts, throughput and per-clip decode times of the last `extract_frames` run
 
 An entry records the source path with its mtime/size (a changed source makes the entry
 stale), the segment, fps, frame count and each frame's timestamp. Frames are the ones
 `media.decode_frames` picks (num_frames 0 = the whole 1-fps grid), with the shorter side
-reduced to `size` (never enlarged) by the same bicubic resize CLIP's transform uses, so
-`clip_transform(size)` of a cached frame equals that of the decoded one (npy: exactly).
-`load_clip(..., cache=FrameCache(dir))` finds entries by source path and samples from them.
+reduced to `size` (never enlarged) by the same bicubic resize CLIP's transform uses.
+
+Lossless means: what the model sees from the cache equals what it sees from decoding, bit for
+bit. That holds for "npy" entries read with a transform whose input size is the entry's `size`
+(the transform's own resize is then a no-op), or whose frames were never shrunk. Any other use
+(another input size: a second resize; a sub-segment or another frame budget that the stored
+frames cannot reproduce exactly) is either refused with an XModalError or decoded directly,
+never served approximately. JPEG caches are lossy: `describe()` says so for provenance.
+`open_frame_cache(path)` is the read entry point; a path that does not exist is an error.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from xmodal.atomic import WriteError, atomic_directory, atomic_write_json, ensure_dir
 from xmodal.data.media import (
     DecodedFrames,
     MediaError,
-    MediaPolicy,
+    check_fps,
     decode_frames,
     is_image_path,
     read_image_array,
@@ -46,24 +50,22 @@ log = logging.getLogger("xmodal.frame_cache")
 INDEX_NAME = "index.json"
 SUMMARY_NAME = "extract_summary.json"
 INDEX_VERSION = 1
-FORMATS = ("jpeg", "npy")
+FORMATS = ("npy", "jpeg")
+DEFAULT_FORMAT = "npy"
+LOSSLESS_FORMATS = frozenset({"npy"})
 JPEG_QUALITY = 90
 _SAVE_EVERY_S = 10.0  # resumability: the index is rewritten at least this often
+REQUIRED_KEYS = ("dir", "source", "kind", "mtime_ns", "size_bytes", "format", "frames", "timestamps",
+                 "duration", "fps", "num_frames", "size", "start", "end")
+
+
+class FrameCacheError(XModalError):
+    """A frame cache is missing, malformed, or cannot give what the model would see from decoding."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Kept for callers of the old name: `xmodal.atomic.atomic_write_json`."""
+    atomic_write_json(path, data, indent=1)
 
 
 def source_stat(path: str) -> Tuple[int, int]:
@@ -105,13 +107,27 @@ def _same(a: Optional[float], b: Optional[float]) -> bool:
 
 
 class FrameCache:
-    """Read side of a cache directory: look entries up by item id or source path, read frames."""
+    """Read side of a cache directory: look entries up by item id or source path, read frames.
 
-    def __init__(self, root: str | os.PathLike, check_source: bool = True):
+    `create=True` is for the writer (`extract_frames`): a missing folder is an empty cache.
+    Otherwise the folder and its index.json must exist (a mistyped path is an error, not a
+    silent re-decode of everything).
+    """
+
+    def __init__(self, root: str | os.PathLike, check_source: bool = True, *, create: bool = False):
         self.root = Path(root)
         self.check_source = check_source
+        self.create = create
         self.items: Dict[str, Dict[str, Any]] = {}
         self._by_source: Dict[str, List[str]] = {}
+        self._warned_lossy = False
+        if not create:
+            if not self.root.is_dir():
+                raise FrameCacheError(f"frame cache {self.root} does not exist (data.frame_cache / --frame-cache); "
+                                      f"build it with `xmodal extract-frames ... --out {self.root}`")
+            if not self.index_path.is_file():
+                raise FrameCacheError(f"frame cache {self.root} has no {INDEX_NAME}; expected a folder written by "
+                                      f"`xmodal extract-frames`")
         self.reload()
 
     @property
@@ -119,18 +135,30 @@ class FrameCache:
         return self.root / INDEX_NAME
 
     def reload(self) -> None:
-        """(Re)read index.json; a missing index is an empty cache."""
+        """(Re)read index.json; a missing index is an empty cache (only when creating)."""
         self.items = {}
         if self.index_path.exists():
             try:
                 data = json.loads(self.index_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise XModalError(f"{self.index_path}: not a readable JSON frame-cache index ({exc})") from None
+                raise FrameCacheError(f"{self.index_path}: not a readable JSON frame-cache index ({exc})") from None
             if not isinstance(data, dict) or not isinstance(data.get("items"), dict):
-                raise XModalError(f"{self.index_path}: expected an object with an 'items' mapping")
+                raise FrameCacheError(f"{self.index_path}: expected an object with an 'items' mapping")
             if data.get("version") != INDEX_VERSION:
-                raise XModalError(f"{self.index_path}: index version {data.get('version')!r}, "
-                                  f"expected {INDEX_VERSION}")
+                raise FrameCacheError(f"{self.index_path}: index version {data.get('version')!r}, "
+                                      f"expected {INDEX_VERSION}")
+            for item_id, entry in data["items"].items():
+                if not isinstance(entry, dict):
+                    raise FrameCacheError(f"{self.index_path}: entry {item_id!r} is not an object")
+                missing = [k for k in REQUIRED_KEYS if k not in entry]
+                if missing:
+                    raise FrameCacheError(f"{self.index_path}: entry {item_id!r} lacks {', '.join(missing)}; "
+                                          f"rebuild the cache with `xmodal extract-frames`")
+                folder = entry["dir"]
+                if (not isinstance(folder, str) or folder in ("", ".", "..") or "/" in folder or "\\" in folder
+                        or os.path.isabs(folder)):
+                    raise FrameCacheError(f"{self.index_path}: entry {item_id!r} has dir {folder!r}, outside the "
+                                          f"cache folder; expected the name of a sub-folder")
             self.items = data["items"]
         self._rebuild_sources()
 
@@ -149,8 +177,8 @@ class FrameCache:
         self._by_source.setdefault(_source_key(entry["source"]), []).append(item_id)
 
     def save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.index_path, {"version": INDEX_VERSION, "items": self.items})
+        ensure_dir(self.root)
+        atomic_write_json(self.index_path, {"version": INDEX_VERSION, "items": self.items}, indent=1)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -161,6 +189,22 @@ class FrameCache:
     def entry(self, item_id: str) -> Optional[Dict[str, Any]]:
         return self.items.get(item_id)
 
+    # ------------------------------------------------------------- provenance
+    def formats(self) -> List[str]:
+        return sorted({str(e["format"]) for e in self.items.values()})
+
+    @property
+    def lossless(self) -> bool:
+        """Every entry is stored without loss (npy); False when any is JPEG."""
+        return all(e["format"] in LOSSLESS_FORMATS for e in self.items.values())
+
+    def describe(self) -> Dict[str, Any]:
+        """{"path", "format", "lossless"} for a result's provenance ("mixed" when formats differ)."""
+        formats = self.formats()
+        fmt = formats[0] if len(formats) == 1 else ("mixed" if formats else "empty")
+        return {"path": str(self.root.resolve()), "format": fmt, "lossless": self.lossless}
+
+    # ------------------------------------------------------------- lookup
     def is_fresh(self, entry: Dict[str, Any]) -> bool:
         """The source still has the mtime and size it had when the entry was written."""
         if not self.check_source:
@@ -172,21 +216,16 @@ class FrameCache:
 
     def find(self, path: str, fps: float = 1.0, start: Optional[float] = None,
              end: Optional[float] = None) -> Optional[Dict[str, Any]]:
-        """A fresh entry of `path` at `fps` whose segment covers [start, end) (exact match first)."""
-        best = None
+        """A fresh entry of `path` at `fps` for exactly the segment [start, end)."""
         for item_id in self._by_source.get(_source_key(path), []):
             entry = self.items[item_id]
             if entry["kind"] == "video" and abs(entry["fps"] - fps) > 1e-6:
                 continue
-            if not self.is_fresh(entry):
+            if entry["kind"] == "video" and not (_same(entry["start"], start) and _same(entry["end"], end)):
                 continue
-            if _same(entry["start"], start) and _same(entry["end"], end):
+            if self.is_fresh(entry):
                 return entry
-            lo = entry["start"] or 0.0
-            hi = entry["end"] if entry["end"] is not None else math.inf
-            if lo <= (start or 0.0) + 1e-6 and hi >= (end if end is not None else math.inf) - 1e-6:
-                best = best or entry
-        return best
+        return None
 
     def read(self, entry: Dict[str, Any], indices: Optional[Sequence[int]] = None) -> DecodedFrames:
         """Cached frames of an entry (all, or those at `indices`); MediaError naming a broken file."""
@@ -219,27 +258,57 @@ class FrameCache:
         return DecodedFrames(frames=frames, timestamps=[float(times[i]) for i in indices],
                              duration=entry["duration"])
 
-    def sample(self, path: str, num_frames: Optional[int] = 12, fps: float = 1.0,
-               start: Optional[float] = None, end: Optional[float] = None) -> Optional[DecodedFrames]:
-        """The frames `decode_frames` would pick, from the cache; None when not cached (or broken).
+    def _check_size(self, item_id: str, entry: Dict[str, Any], size: Optional[int]) -> None:
+        """Refuse frames that the model's transform would resize a second time (they differ from decoding)."""
+        stored = int(entry.get("size") or 0)
+        if not stored:
+            return  # original resolution
+        source_short = entry.get("source_short_side")
+        if source_short is not None and int(source_short) <= stored:
+            return  # never shrunk: identical to the decoded frames
+        if size is not None and size == stored:
+            return  # the transform's resize is a no-op on them
+        wanted = ("the raw decoded frames (no transform)" if size is None else
+                  "a transform of unknown input size" if size < 0 else f"a model input size of {size}px")
+        fix = f"; rebuild it with `xmodal extract-frames --size {size}`" if size and size > 0 else ""
+        raise FrameCacheError(f"frame cache {self.root}: entry {item_id!r} holds frames shrunk to {stored}px, "
+                              f"but {wanted} was requested; resizing them again would not equal decoding{fix}")
 
-        With the entry's own segment this is exactly the decoder's choice; a sub-segment takes
-        the cached frames whose time falls in [start - 0.5/fps, end) (at least the nearest one).
+    def sample(self, path: str, num_frames: Optional[int] = 12, fps: float = 1.0,
+               start: Optional[float] = None, end: Optional[float] = None, *,
+               size: Optional[int] = None) -> Optional[DecodedFrames]:
+        """The frames `decode_frames` would pick, from the cache; None when it cannot give exactly those.
+
+        `size` is the input size of the transform that will be applied (None: no transform,
+        -1: unknown); frames stored at another size raise FrameCacheError (see module doc).
+        Served: the entry of exactly this segment and fps when it holds the whole 1/fps grid
+        (any frame budget is a uniform subsample of it, as in the decoder) or exactly this
+        budget. Anything else (a sub-segment, another budget) is None: decode directly.
         Only the frames picked are read.
         """
+        fps = check_fps(fps)
         entry = self.find(path, fps=fps, start=start, end=end)
         if entry is None:
             return None
-        times = np.asarray(entry["timestamps"], dtype=float)
-        keep = np.arange(len(times))
-        if not (_same(entry["start"], start) and _same(entry["end"], end)):
-            lo = (start or 0.0) - 0.5 / fps
-            hi = end if end is not None else math.inf
-            keep = np.flatnonzero((times >= lo) & (times < hi))
-            if len(keep) == 0:
-                middle = ((start or 0.0) + (end if end is not None else entry["duration"])) / 2
-                keep = np.array([int(np.argmin(np.abs(times - middle)))])
-        keep = keep[uniform_indices(len(keep), num_frames)]
+        item_id = next((k for k in self._by_source.get(_source_key(path), []) if self.items[k] is entry), path)
+        n = int(entry["frames"])
+        if entry["kind"] == "image":
+            keep = [0]
+        else:
+            stored_budget = int(entry["num_frames"] or 0)
+            # the whole grid is stored (nothing subsampled, no tail dropped): any budget is exact
+            full_grid = entry.get("grid", n if stored_budget == 0 else -1) == n
+            if full_grid:
+                keep = uniform_indices(n, num_frames)
+            elif stored_budget == int(num_frames or 0):
+                keep = list(range(n))
+            else:
+                return None
+        self._check_size(item_id, entry, size)
+        if entry["format"] not in LOSSLESS_FORMATS and not self._warned_lossy:
+            self._warned_lossy = True
+            log.warning("frame cache %s stores %s (lossy) frames: pixels differ from decoding", self.root,
+                        entry["format"])
         try:
             return self.read(entry, keep)
         except MediaError as exc:
@@ -247,8 +316,16 @@ class FrameCache:
             return None
 
 
+def open_frame_cache(path: str | os.PathLike, *, check_source: bool = True) -> FrameCache:
+    """Open an existing cache for reading (the `--frame-cache PATH` / `data.frame_cache` entry point).
+
+    A path that does not exist, or holds no index.json, is a one-line FrameCacheError.
+    """
+    return FrameCache(path, check_source=check_source)
+
+
 # --------------------------------------------------------------------------- writing
-def _describe(obj: Any) -> Dict[str, Any]:
+def _item_fields(obj: Any) -> Dict[str, Any]:
     """id/media/kind/start/end of an Item-like object, a mapping, or a plain path."""
     if isinstance(obj, (str, os.PathLike)):
         media = os.fspath(obj)
@@ -265,51 +342,92 @@ def _describe(obj: Any) -> Dict[str, Any]:
             "start": None if start is None else float(start), "end": None if end is None else float(end)}
 
 
+def _npy_on_disk(path: Path, shape: Tuple[int, ...]) -> np.ndarray:
+    """A writable uint8 .npy memory map whose blocks are reserved up front.
+
+    Writing into a sparse memory map on a full disk kills the process (SIGBUS); reserving the
+    space first turns that into a one-line WriteError (not an OSError, which decoding would
+    blame on the video).
+    """
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(shape))
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.path.getsize(path))
+        return array
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise WriteError(f"no space left on device while writing {path}; free space or choose another "
+                             f"output folder") from None
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _extract_one(job: Dict[str, Any]) -> Dict[str, Any]:
-    """Decode one item and write its frames (runs in pool workers): a result dict, never raises MediaError."""
+    """Decode one item and write its frames (runs in pool workers): a result dict, never raises MediaError.
+
+    Each picked frame is shrunk as soon as it is decoded, so a long clip never holds more
+    than its picks at cache size; the item folder is swapped in whole (atomic_directory).
+    """
     began = time.perf_counter()
     media = job["media"]
+    source_short: List[int] = []
+
+    def shrink(frame: np.ndarray) -> np.ndarray:
+        source_short.append(min(frame.shape[:2]))
+        return resize_shorter(frame, job["size"])
+
     try:
         mtime_ns, size_bytes = source_stat(media)
-        if job["kind"] == "image":
-            decoded = DecodedFrames(frames=read_image_array(media)[None], timestamps=[0.0], duration=0.0)
-        else:
-            decoded = decode_frames(media, fps=job["fps"], num_frames=job["num_frames"] or None,
-                                    start=job["start"], end=job["end"])
-        frames = [resize_shorter(f, job["size"]) for f in decoded.frames]
-        root = Path(job["out"])
-        tmp = root / f".tmp-{job['dir']}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            if job["format"] == "npy":
-                np.save(tmp / "frames.npy", np.stack(frames))
+        with atomic_directory(Path(job["out"]) / job["dir"]) as tmp:
+            frames_file = tmp / "frames.npy"
+
+            def on_disk(shape):  # picks are written into a memory-mapped .npy as they are decoded
+                return _npy_on_disk(frames_file, shape)
+
+            if job["kind"] == "image":
+                decoded = DecodedFrames(frames=shrink(read_image_array(media))[None], timestamps=[0.0],
+                                        duration=0.0, grid=1)
             else:
+                decoded = decode_frames(media, fps=job["fps"], num_frames=job["num_frames"] or None,
+                                        start=job["start"], end=job["end"], convert=shrink, allocate=on_disk)
+            decode_seconds = time.perf_counter() - began
+            count, height, width = decoded.frames.shape[:3]
+            grid, duration = decoded.grid, round(decoded.duration, 6)
+            times = [round(t, 6) for t in decoded.timestamps]
+            frames, decoded = decoded.frames, None
+            if isinstance(frames, np.memmap):
+                frames.flush()
+                stored_rows = np.load(frames_file, mmap_mode="r").shape[0]
+                if stored_rows != count:  # fewer picks than targets (a dropped tail): keep just those
+                    np.save(tmp / "kept.npy", np.ascontiguousarray(frames))
+                    os.replace(tmp / "kept.npy", frames_file)
+            else:  # images, and streams of unknown length (decoded in memory)
+                np.save(frames_file, np.ascontiguousarray(frames))
+            frames = None  # closes the memory map before the folder is swapped in
+            if job["format"] == "jpeg":
                 from PIL import Image
 
-                for i, frame in enumerate(frames):
-                    Image.fromarray(frame).save(tmp / f"{i:03d}.jpg", quality=job["jpeg_quality"])
-            final = root / job["dir"]
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                stored = np.load(frames_file, mmap_mode="r")
+                for i in range(len(stored)):
+                    Image.fromarray(np.asarray(stored[i])).save(tmp / f"{i:03d}.jpg", quality=job["jpeg_quality"])
+                del stored
+                frames_file.unlink()
     except MediaError as exc:
         return {"id": job["id"], "ok": False, "path": exc.path, "reason": exc.reason,
                 "seconds": time.perf_counter() - began}
     except FileNotFoundError as exc:  # the source vanished between listing and decoding
         return {"id": job["id"], "ok": False, "path": media, "reason": f"file does not exist ({exc})",
                 "seconds": time.perf_counter() - began}
-    height, width = frames[0].shape[:2]
     entry = {
         "dir": job["dir"], "source": os.path.abspath(media), "kind": job["kind"],
         "mtime_ns": mtime_ns, "size_bytes": size_bytes, "format": job["format"],
-        "frames": len(frames), "timestamps": [round(t, 6) for t in decoded.timestamps],
-        "duration": round(decoded.duration, 6), "fps": job["fps"], "num_frames": job["num_frames"],
+        "frames": count, "grid": grid, "timestamps": times, "duration": duration,
+        "fps": job["fps"], "num_frames": job["num_frames"],
         "size": job["size"], "start": job["start"], "end": job["end"], "width": width, "height": height,
+        "source_short_side": max(source_short) if source_short else None,
+        "decode_seconds": round(decode_seconds, 4),
     }
-    return {"id": job["id"], "ok": True, "entry": entry, "seconds": time.perf_counter() - began}
+    return {"id": job["id"], "ok": True, "entry": entry, "seconds": time.perf_counter() - began,
+            "decode_seconds": decode_seconds}
 
 
 def _up_to_date(cache: FrameCache, job: Dict[str, Any]) -> bool:
@@ -355,15 +473,18 @@ def benchmark_cache(cache: FrameCache, item_ids: List[str], num_frames: int = 12
     """
     entries = [cache.items[i] for i in item_ids]
 
+    def budget(entry):  # a cache built with a frame budget serves exactly that budget
+        return int(entry["num_frames"] or 0) or num_frames
+
     def from_cache(entry):
-        got = cache.sample(entry["source"], num_frames=num_frames, fps=entry["fps"],
-                           start=entry["start"], end=entry["end"])
+        got = cache.sample(entry["source"], num_frames=budget(entry), fps=entry["fps"],
+                           start=entry["start"], end=entry["end"], size=int(entry["size"] or 0) or None)
         if got is None:
             raise MediaError(entry["source"], "cache entry disappeared during the benchmark")
         return got
 
     def from_source(entry):
-        return decode_frames(entry["source"], fps=entry["fps"], num_frames=num_frames,
+        return decode_frames(entry["source"], fps=entry["fps"], num_frames=budget(entry),
                              start=entry["start"], end=entry["end"])
 
     for entry in entries[:1]:  # warm-up: imports and first-call costs are not throughput
@@ -385,8 +506,17 @@ def benchmark_cache(cache: FrameCache, item_ids: List[str], num_frames: int = 12
     }
 
 
+def _clip_time_stats(times: Dict[str, float]) -> Dict[str, Any]:
+    if not times:
+        return {}
+    values = np.array(list(times.values()), dtype=float)
+    slowest = max(times, key=times.get)
+    return {"mean": round(float(values.mean()), 4), "median": round(float(np.median(values)), 4),
+            "max": round(float(values.max()), 4), "slowest": slowest}
+
+
 def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: int = 0, fps: float = 1.0,
-                   fmt: str = "jpeg", size: int = 224, workers: int = 1, strict: bool = False,
+                   fmt: str = DEFAULT_FORMAT, size: int = 224, workers: int = 1, strict: bool = False,
                    progress: bool = True, bench_clips: int = 8, bench_num_frames: int = 12,
                    jpeg_quality: int = JPEG_QUALITY, echo: Optional[Callable[[str], None]] = None
                    ) -> Dict[str, Any]:
@@ -395,23 +525,25 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
     Items are Item-like objects (`.id`, `.media`, `.kind`, `.start`, `.end`), dicts with those
     keys, or plain file paths (id = file stem). Items already cached with the same settings
     and an unchanged source are skipped, so an interrupted run resumes. Unreadable media are
-    skipped and counted (strict: the first one raises MediaError, after saving the index).
+    skipped and listed in `summary["failures"]` (path -> reason, once each); `strict`: the first
+    one raises MediaError, after saving the index. `size` must be the model's input size for
+    the cache to be lossless (0 keeps the original resolution). No items at all is an error.
     """
     if fmt not in FORMATS:
         raise XModalError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fps <= 0:
-        raise XModalError(f"--fps: expected a positive number, got {fps}")
+    try:
+        fps = check_fps(fps)
+    except XModalError:
+        raise XModalError(f"--fps: expected a positive number, got {fps}") from None
     if size < 0 or num_frames < 0:
         raise XModalError("--size and --num-frames: expected non-negative integers")
     echo = echo or (lambda msg: None)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    cache = FrameCache(root)
-    policy = MediaPolicy(strict=strict)
+    root = ensure_dir(out)
+    cache = FrameCache(root, create=True)
 
     jobs, seen, duplicates, up_to_date = [], set(), 0, 0
     for obj in items:
-        desc = _describe(obj)
+        desc = _item_fields(obj)
         if desc["id"] in seen:
             duplicates += 1
             continue
@@ -423,12 +555,19 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
             up_to_date += 1
         else:
             jobs.append(job)
+    if not seen:
+        raise XModalError(f"extract-frames: no items to extract into {root} (the split matched no media)")
     echo(f"{len(seen)} items: {up_to_date} already cached, {len(jobs)} to decode into {root}")
+    if fmt not in LOSSLESS_FORMATS:
+        echo(f"note: --format {fmt} is lossy: evaluations from this cache differ from decoding")
 
     from tqdm import tqdm
 
     extracted = frames_written = 0
     decode_seconds = 0.0
+    failures: Dict[str, str] = {}
+    failed = 0
+    clip_seconds: Dict[str, float] = {}
     began = last_save = time.perf_counter()
     bar = tqdm(total=len(jobs), unit="clip", desc="extract-frames", disable=not progress)
     try:
@@ -439,11 +578,15 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
                 cache.put(result["id"], result["entry"])
                 extracted += 1
                 frames_written += result["entry"]["frames"]
+                clip_seconds[result["id"]] = round(result["decode_seconds"], 4)
             else:
-                policy.record(MediaError(result["path"], result["reason"]))
+                failed += 1
+                failures.setdefault(result["path"], result["reason"])
+                if strict:
+                    raise MediaError(result["path"], result["reason"])
             elapsed = time.perf_counter() - began
             bar.set_postfix(clips_s=f"{extracted / max(elapsed, 1e-9):.2f}",
-                            frames_s=f"{frames_written / max(elapsed, 1e-9):.1f}", failed=policy.skipped)
+                            frames_s=f"{frames_written / max(elapsed, 1e-9):.1f}", failed=failed)
             if time.perf_counter() - last_save > _SAVE_EVERY_S:
                 cache.save()
                 last_save = time.perf_counter()
@@ -453,16 +596,22 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
     wall = time.perf_counter() - began
 
     summary: Dict[str, Any] = {
-        "out": str(root), "format": fmt, "fps": fps, "num_frames": num_frames, "size": size,
+        "out": str(root), "format": fmt, "lossless": fmt in LOSSLESS_FORMATS, "fps": fps,
+        "num_frames": num_frames, "size": size,
         "workers": workers, "items": len(seen), "duplicates": duplicates, "already_cached": up_to_date,
-        "extracted": extracted, "failed": policy.skipped, "frames_written": frames_written,
+        "extracted": extracted, "failed": failed, "frames_written": frames_written,
         "wall_seconds": round(wall, 3), "decode_seconds": round(decode_seconds, 3),
         "decode_clips_per_s": _rate(extracted, wall), "decode_frames_per_s": _rate(frames_written, wall),
-        "failures": dict(policy.failures),
+        "clip_decode_seconds": _clip_time_stats(clip_seconds), "clip_seconds": clip_seconds,
+        "failures": failures,
     }
     echo(f"decoded {extracted} clips ({frames_written} frames) in {wall:.2f}s: "
          f"{summary['decode_clips_per_s']} clips/s, {summary['decode_frames_per_s']} frames/s; "
-         f"{policy.skipped} failed")
+         f"{failed} failed")
+    stats = summary["clip_decode_seconds"]
+    if stats:
+        echo(f"decode time per clip: mean {stats['mean']:.3f}s, median {stats['median']:.3f}s, "
+             f"max {stats['max']:.3f}s ({stats['slowest']})")
 
     bench_ids = [i for i in seen if i in cache.items and cache.items[i]["kind"] == "video"][:max(0, bench_clips)]
     if bench_ids:
@@ -472,5 +621,5 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
              f"{bench['cache_clips_per_s']} clips/s ({bench['cache_frames_per_s']} frames/s) vs decoding "
              f"{bench['decode_clips_per_s']} clips/s ({bench['decode_frames_per_s']} frames/s), "
              f"{bench['speedup']}x")
-    write_json_atomic(root / SUMMARY_NAME, summary)
+    atomic_write_json(root / SUMMARY_NAME, summary, indent=1)
     return summary

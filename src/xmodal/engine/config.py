@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from xmodal.atomic import atomic_write_text
 from xmodal.errors import XModalError
 
 
@@ -75,7 +75,8 @@ class TrainConfig:
     compile: bool = False                  # torch.compile the adapted blocks
     seed: int = 42
     max_steps_per_epoch: Optional[int] = None
-    log_every: int = 10                    # console line every N updates when progress bars are off
+    log_every: int = 10                    # host sync (metrics rows, console line, divergence check) every N updates
+    save_every_steps: int = 0              # also checkpoint RUN/last every N updates (0: at epoch ends only)
     progress: bool = True
     tensorboard: bool = True
     eval_every: int = 1                    # epochs between evaluations (0: only after the last)
@@ -212,7 +213,12 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         (t.eval_every >= 0, "train.eval_every must be >= 0"),
         (cfg.head.pooling in POOLINGS, f"head.pooling must be one of {list(POOLINGS)}"),
         (cfg.head.temperature > 0, "head.temperature must be > 0"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.save_every_steps >= 0, "train.save_every_steps must be >= 0 (0: checkpoint at epoch ends only)"),
         (cfg.data.num_frames >= 1, "data.num_frames must be >= 1"),
+        (cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: expected >= 0 "
+                                    f"(0 loads in the main process)"),
+        (cfg.data.fps > 0, f"data.fps={cfg.data.fps}: expected a frame rate > 0 (frames sampled per second)"),
         (cfg.data.max_words >= 2, "data.max_words must be >= 2"),
         (cfg.eval.batch_size >= 1 and cfg.eval.text_batch_size >= 1, "eval batch sizes must be >= 1"),
     ]
@@ -282,6 +288,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     data = load_yaml(path) if path else {}
     source = str(path) if path else "defaults"
+    if path and not data and not any(parse_override(o)[0] == "data.root" for o in overrides):
+        raise XModalError(f"{path}: the config file is empty, so data.root is unset; give at least data.root "
+                          f"(dataset root or annotation file) and method.name (see configs/ for examples)")
     if overrides:
         # report an unknown key as coming from the override, not the file
         for item in overrides:
@@ -304,14 +313,5 @@ def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Kept for callers of the old name: `xmodal.atomic.atomic_write_text`."""
+    atomic_write_text(path, text)

@@ -185,6 +185,14 @@ def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
     return float(t.item()) / world_size()
 
 
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of `t` over ranks (one collective, no host synchronisation)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world_size())
+    return t
+
+
 def all_gather_object(obj: Any) -> List[Any]:
     if world_size() == 1:
         return [obj]

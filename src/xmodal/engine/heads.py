@@ -1,6 +1,6 @@
 """Similarity heads: turn per-frame visual features and text features into a T x V score.
 
-Two parameter-free heads, as in the Cross-Modal Adapter paper:
+Two parameter-free heads, as in the Cross-Modal Adapter paper, and one trained head:
 
 - ``mean``: CLIP4Clip's meanP. Frames are L2-normalised, averaged over the real frames and
   normalised again; the score is the cosine with the text.
@@ -12,22 +12,37 @@ Two parameter-free heads, as in the Cross-Modal Adapter paper:
   a usefully peaked softmax at tau = 5, while cosines in [-1, 1] divided by 5 would be almost
   uniform; set ``normalize=True`` together with a small tau (e.g. 0.01) for the other variant.
 
-Images are the one-frame case of either head (both reduce to plain CLIP cosine similarity).
+- ``seq_transformer``: CLIP4Clip's seqTransf, the frozen-backbone baseline MV-Adapter compares
+  against. Frame features plus learned frame position embeddings go through a 4-layer
+  transformer (width = embed dim, heads = width // 64) with padded frames masked out of the
+  attention; its output is added to the input frames (residual) and then mean-pooled as
+  ``mean``. As in CLIP4Clip the blocks start as copies of the text transformer's first blocks
+  and the position table as the text's positional embedding (when the widths agree; else a
+  fresh init, which `SeqTransformer.initialised_from` records). Its weights belong to the
+  model: `AdaptedModel.use_head(head)` builds them (or takes them from a loaded adapter), trains
+  them with the adapter and saves them in the adapter checkpoint. A head whose weights were
+  never bound refuses to score.
+
+Images are the one-frame case of every head (both reduce to plain CLIP cosine similarity).
 The text x video score of a whole test set never builds a T x V x F x D tensor: texts are
 processed in chunks whose intermediate size is capped by ``max_bytes``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from xmodal.errors import XModalError
 
-POOLINGS = ("mean", "text_conditioned")
+POOLINGS = ("mean", "text_conditioned", "seq_transformer")
+#: poolings with weights of their own (bound with `AdaptedModel.use_head`)
+TRAINED_POOLINGS = ("seq_transformer",)
+SEQ_LAYERS = 4
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
@@ -101,6 +116,51 @@ def text_conditioned_similarity(
     return torch.cat(out, dim=0)
 
 
+class SeqTransformer(nn.Module):
+    """CLIP4Clip's seqTransf: frames (V, F, D) -> transformer(frames + pos) + frames."""
+
+    def __init__(self, width: int, layers: int = SEQ_LAYERS, heads: Optional[int] = None, max_frames: int = 77,
+                 act_layer=nn.GELU):
+        super().__init__()
+        from open_clip.transformer import ResidualAttentionBlock
+
+        self.heads = heads or max(1, width // 64)
+        self.frame_position_embeddings = nn.Embedding(max_frames, width)
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, self.heads, act_layer=act_layer) for _ in range(layers))
+        self.initialised_from = "random"
+
+    def init_from_text(self, text_tower: nn.Module) -> bool:
+        """Copy the text transformer's first blocks and positional embedding (CLIP4Clip's init)."""
+        blocks = text_tower.transformer.resblocks
+        pos = text_tower.positional_embedding
+        width = self.frame_position_embeddings.embedding_dim
+        if (len(blocks) < len(self.resblocks) or pos.shape[-1] != width
+                or blocks[0].attn.embed_dim != width or blocks[0].attn.num_heads != self.heads):
+            return False
+        with torch.no_grad():
+            for mine, theirs in zip(self.resblocks, blocks):
+                mine.load_state_dict({k: v for k, v in theirs.state_dict().items()}, strict=True)
+            rows = min(pos.shape[0], self.frame_position_embeddings.num_embeddings)
+            self.frame_position_embeddings.weight[:rows].copy_(pos[:rows])
+        self.initialised_from = "text transformer"
+        return True
+
+    def forward(self, frames: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        v, f, _ = frames.shape
+        if f > self.frame_position_embeddings.num_embeddings:
+            raise XModalError(f"seq_transformer head: {f} frames > {self.frame_position_embeddings.num_embeddings} "
+                              f"frame positions")
+        valid = _valid_mask(mask, frames)
+        x = frames + self.frame_position_embeddings.weight[:f].to(frames.dtype)
+        # CLIP4Clip: (1 - mask) * -1e6 on the keys of padded frames, per clip, for every head
+        bias = (~valid).to(frames.dtype)[:, None, :].expand(v, f, f) * -1e6
+        bias = bias.repeat_interleave(self.heads, dim=0)
+        for block in self.resblocks:
+            x = block(x, attn_mask=bias)
+        return x + frames
+
+
 @dataclass
 class SimilarityHead:
     """A pooling head with its settings; `head(text, frames, mask)` -> cosine scores (T, V)."""
@@ -109,6 +169,33 @@ class SimilarityHead:
     temperature: float = 5.0
     normalize: bool = False
     max_bytes: Optional[int] = DEFAULT_MAX_BYTES
+    #: the weights of a trained pooling (seq_transformer), bound by `AdaptedModel.use_head`
+    module: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+
+    @property
+    def trained(self) -> bool:
+        """Whether this pooling has weights of its own (trained with the adapter)."""
+        return self.pooling in TRAINED_POOLINGS
+
+    def build(self, backbone) -> nn.Module:
+        """Fresh weights for a trained pooling on `backbone` (CLIP4Clip init from the text tower)."""
+        if self.pooling != "seq_transformer":
+            raise XModalError(f"head.pooling={self.pooling!r} has no weights to build")
+        text = backbone.text_tower
+        blocks = text.transformer.resblocks
+        act = type(blocks[0].mlp.gelu) if hasattr(blocks[0].mlp, "gelu") else nn.GELU
+        module = SeqTransformer(backbone.embed_dim, SEQ_LAYERS, max_frames=int(text.positional_embedding.shape[0]),
+                                act_layer=act)
+        module.init_from_text(text)
+        return module
+
+    def transform(self, frames: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.trained:
+            return frames
+        if self.module is None:
+            raise XModalError(f"head.pooling={self.pooling!r} has weights that were never bound to this head: "
+                              f"call model.use_head(head) (it builds them, or takes them from the loaded adapter)")
+        return self.module(frames, mask)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -123,6 +210,8 @@ class SimilarityHead:
             mask = None
         if self.pooling == "mean":
             return mean_similarity(text, frames, mask)
+        if self.pooling == "seq_transformer":
+            return mean_similarity(text, self.transform(frames, mask), mask)
         return text_conditioned_similarity(
             text, frames, mask, self.temperature, self.normalize,
             self.max_bytes if max_bytes == -1 else max_bytes,
@@ -132,7 +221,8 @@ class SimilarityHead:
         """The smallest (V, F', D) form that gives the same scores (sent across ranks).
 
         Mean pooling does not depend on the text, so one pooled "frame" per video suffices;
-        text-conditioned pooling needs every frame.
+        text-conditioned pooling needs every frame, and so does seq_transformer (its frames are
+        transformed when scored, with the gradient flowing into its weights).
         """
         if self.pooling == "mean":
             pooled = mean_pool(frames, mask).unsqueeze(1)

@@ -4,7 +4,11 @@
   weights, gains, every other 1-D tensor and `logit_scale` are in a no-decay group.
 - The schedule is a pure function of the update count, so its state is one integer and a
   resumed run gets exactly the learning rates of an uninterrupted one.
-- Mixed precision: bf16 autocast on GPU (no scaler needed); fp16 autocast with a GradScaler.
+- AdamW is the fused implementation, whose step honours a device-side `found_inf` flag: a
+  non-finite update is skipped on the device, without a host synchronisation (`guarded_step`).
+- Mixed precision: bf16 autocast on GPU (no scaler needed); fp16 autocast with `LossScaler`,
+  GradScaler's dynamic loss scale kept entirely in device tensors (overflow skips the update and
+  halves the scale; nothing is read back to the host inside a step).
 - `checkpoint_blocks` recomputes the frozen towers' block activations in backward
   (non-reentrant `torch.utils.checkpoint`): the frozen weights need no gradients, but the
   activations inside each block would otherwise be kept for the input gradients.
@@ -56,10 +60,27 @@ def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay:
 
 def build_optimizer(named_params, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98),
                     eps: float = 1e-6) -> torch.optim.AdamW:
+    """Fused AdamW (CPU and CUDA): its step can be skipped on the device (`guarded_step`)."""
     groups = param_groups(named_params, weight_decay)
     if not groups:
         raise XModalError("the method has no trainable parameters; nothing to optimise")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step() that leaves parameters and state untouched where `found_inf` (a device
+    tensor, 1.0 = skip) is set, decided on the device with no host synchronisation.
+
+    Fused Adam/AdamW read `found_inf` themselves (the protocol GradScaler uses for them) and
+    undo their step count on a skip; `build_optimizer` always builds a fused AdamW.
+    """
+    if not getattr(optimizer, "defaults", {}).get("fused"):
+        raise TypeError(f"guarded_step needs a fused optimizer, got {type(optimizer).__name__} without fused=True")
+    optimizer.grad_scale, optimizer.found_inf = None, found_inf.reshape(())
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = optimizer.found_inf = None
 
 
 # ---------------------------------------------------------------------- schedule
@@ -138,15 +159,62 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_grad_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+class LossScaler:
+    """Dynamic fp16 loss scaling (GradScaler's rule) with its state in device tensors.
+
+    `unscale_` divides the gradients by the scale and raises a device flag on any inf/NaN;
+    `update` then halves the scale (overflow) or doubles it after `growth_interval` clean
+    steps. Neither reads anything back to the host; `state_dict` does (checkpoints only).
+    """
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.device = device
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self._scale = torch.full((1,), float(init_scale), dtype=torch.float32, device=device)
+        self._growth_tracker = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self._scale.to(loss.dtype)
+
+    def unscale_(self, grads: Sequence[torch.Tensor], found_inf: torch.Tensor) -> None:
+        """In place: grads /= scale; found_inf (shape (1,), float) set to 1 on a non-finite grad."""
+        inv = self._scale.double().reciprocal().float()
+        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv)
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, self.growth_factor,
+                                 self.backoff_factor, self.growth_interval)
+
+    def get_scale(self) -> float:
+        return float(self._scale.item())
+
+    def state_dict(self) -> Dict:
+        return {"scale": float(self._scale.item()), "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "_growth_tracker": int(self._growth_tracker.item())}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self._scale.fill_(float(state["scale"]))
+        self._growth_tracker.fill_(int(state.get("_growth_tracker", 0)))
+        self.growth_factor = float(state.get("growth_factor", self.growth_factor))
+        self.backoff_factor = float(state.get("backoff_factor", self.backoff_factor))
+        self.growth_interval = int(state.get("growth_interval", self.growth_interval))
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> Optional[LossScaler]:
     """fp16 needs loss scaling; bf16 and fp32 do not."""
     if precision != "fp16":
         return None
-    return torch.amp.GradScaler(device.type)
+    return LossScaler(device)
 
 
-def scaler_state(scaler: Optional[torch.amp.GradScaler]) -> Dict:
-    """GradScaler state as plain numbers (JSON)."""
+def scaler_state(scaler: Optional[LossScaler]) -> Dict:
+    """Loss-scaler state as plain numbers (JSON)."""
     if scaler is None:
         return {}
     return {k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v)
@@ -206,11 +274,13 @@ def compile_blocks(blocks: Sequence[nn.Module], mode: Optional[str] = None) -> N
         block.compile(mode=mode, dynamic=False)
 
 
-def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
-    """Clip to `max_norm` (<= 0 disables clipping, the norm is still reported)."""
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (<= 0 disables clipping); returns the pre-clip norm as a 0-d device
+    tensor (read it at a logging interval: converting it here would synchronise every step).
+    A non-finite norm is returned as is (the caller skips that update)."""
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)

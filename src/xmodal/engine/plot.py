@@ -7,7 +7,6 @@ backend, so it works on machines without a display.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -25,22 +24,20 @@ def _floats(rows: List[Dict[str, str]], key: str):
 
 
 def _save(fig, path: Path) -> None:
-    """Render to a temporary file in the same folder, then rename (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Render to a temporary file in the same folder, then rename (atomic, umask permissions)."""
+    from xmodal.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
 
 
 def _finish(fig, ax, ylabel: str, title: str, path: Path) -> Path:
     """Label a curve plot over updates, write it atomically, free the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("update")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # updates are whole numbers
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -66,8 +63,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
     epochs = [r for r in rows if r.get("kind") == "epoch"]
     if not steps and not epochs:
         raise XModalError(f"{run_dir / 'metrics.csv'}: no step or epoch rows to plot")
-    out = Path(out_dir) if out_dir else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    from xmodal.atomic import ensure_dir
+
+    out = ensure_dir(Path(out_dir) if out_dir else run_dir)
     written = []
 
     if steps:

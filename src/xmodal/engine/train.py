@@ -1,15 +1,22 @@
 """The training loop: one `Trainer` update per global batch, `fit` for a whole run.
 
-`Trainer` owns the optimisation of an `AdaptedModel` (AdamW, warm-up + cosine, gradient
-accumulation, clipping, autocast/GradScaler, DDP, block recomputation). `fit` builds the
-model and data from a `RunConfig`, runs the epochs, evaluates, logs and checkpoints into a
-run directory, and resumes from `RUN/last` so that the loss curve equals an uninterrupted
-run's: the data order is a function of (seed, epoch), the schedule of the update count,
-and RNG states are restored from the checkpoint.
+`Trainer` owns the optimisation of an `AdaptedModel` (fused AdamW, warm-up + cosine, gradient
+accumulation, clipping, autocast/loss scaling, DDP, block recomputation) without a host
+synchronisation inside a step. `fit` builds the model and data from a `RunConfig`, runs the
+epochs, evaluates, logs and checkpoints into a run directory, and resumes from `RUN/last` so
+that the loss curve equals an uninterrupted run's, also from the middle of an epoch
+(`train.save_every_steps`): the data order is a function of (seed, epoch, dropped items)
+(`engine/sampler.py`), the schedule of the update count, and RNG states, sampler position and
+the set of unreadable items dropped so far are restored from the checkpoint.
+
+Safety: a NaN/inf loss or gradient is never applied; the run stops at the next log interval
+with "training diverged at step N" and names the last good checkpoint, and no checkpoint is
+written after it. An unreadable training item is dropped from the sampler once seen; the run
+ends only when no readable item is left.
 
 Run directory: `config.yaml` (resolved), `metrics.csv` (per step and per epoch),
-`tb/` (TensorBoard), `last/` (adapter + optimizer/RNG/trainer state), `best/` (adapter of
-the best evaluation), `metrics.json` (final evaluation). Only rank 0 writes.
+`tb/` (TensorBoard), `last/` (adapter + optimizer/RNG/trainer state, `engine/checkpoint.py`),
+`best/` (adapter of the best evaluation), `metrics.json` (final evaluation). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,26 +35,28 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from xmodal.atomic import WriteError, atomic_directory, ensure_dir
+from xmodal.atomic import _describe as _describe_write_error
 from xmodal.backbones.dual_encoder import TEXT, VISION
 from xmodal.engine import distributed as dist_utils
 from xmodal.engine.checkpoint import (
-    capture_rng, find_checkpoint, load_training_checkpoint, replace_dir, restore_rank_rng,
-    save_training_checkpoint,
+    CheckpointError, capture_rng, describe_missing, find_checkpoint, load_training_checkpoint, read_trainer_state,
+    recover_checkpoint, restore_rank_rng, save_training_checkpoint,
 )
 from xmodal.engine.config import RunConfig, TrainConfig, dump_config, write_text_atomic
 from xmodal.engine.evaluate import METRIC_KEYS, evaluate, score_of
 from xmodal.engine.heads import SimilarityHead
 from xmodal.engine.loss import MAX_LOGIT_SCALE, contrastive_loss
 from xmodal.engine.optim import (
-    WarmupCosine, autocast, build_optimizer, checkpoint_blocks, clip_grad_norm, compile_blocks,
+    WarmupCosine, autocast, build_optimizer, checkpoint_blocks, clip_grad_norm, compile_blocks, guarded_step,
     make_grad_scaler, resolve_precision, scaler_state,
 )
-from xmodal.errors import XModalError
+from xmodal.errors import DataError, XModalError
 
 CSV_COLUMNS = ["kind", "epoch", "step", "loss", "loss_t2v", "loss_v2t", "lr", "grad_norm", "logit_scale",
-               "samples_per_s", *METRIC_KEYS, "score"]
+               "samples_per_s", "skipped", *METRIC_KEYS, "score"]
 
 
 def seed_everything(seed: int) -> None:
@@ -66,20 +74,68 @@ def head_from_config(cfg) -> SimilarityHead:
 
 
 # ============================================================================ Trainer
+STEP_FIELDS = ("loss", "loss_t2v", "loss_v2t", "grad_norm", "logit_scale", "nonfinite", "skipped")
+
+
+class TrainingDiverged(XModalError):
+    """A loss or gradient became NaN/inf; that update was not applied."""
+
+
 @dataclass
 class StepResult:
-    loss: float          # global mean over ranks and accumulation steps
+    """One update's numbers, kept on the device (`values`, ordered as STEP_FIELDS) so that
+    `Trainer.step` never waits for the device. Reading a float property synchronises and gives
+    this rank's value; the engine reads global means at log intervals via `Trainer.collect`."""
+
+    values: torch.Tensor
+    lr: float
+    samples: int         # global samples in this update
+    step: int            # global step after this update
+
+    def _get(self, name: str) -> float:
+        return float(self.values[STEP_FIELDS.index(name)])
+
+    loss = property(lambda self: self._get("loss"))
+    loss_t2v = property(lambda self: self._get("loss_t2v"))
+    loss_v2t = property(lambda self: self._get("loss_v2t"))
+    grad_norm = property(lambda self: self._get("grad_norm"))        # before clipping
+    logit_scale = property(lambda self: self._get("logit_scale"))
+    skipped = property(lambda self: self._get("skipped") > 0)         # fp16 overflow: update skipped
+
+
+@dataclass
+class StepRecord:
+    """One update's numbers on the host: means over ranks (from `Trainer.collect`)."""
+
+    step: int
+    lr: float
+    samples: int
+    loss: float
     loss_t2v: float
     loss_v2t: float
-    lr: float
-    grad_norm: float     # before clipping
+    grad_norm: float
     logit_scale: float
-    samples: int         # global samples in this update
-    skipped: bool = False  # fp16 overflow: the GradScaler skipped the update
+    nonfinite: bool      # the loss or gradient was NaN/inf (update not applied)
+    skipped: bool        # fp16 overflow (update not applied, loss scale lowered)
+
+    @property
+    def diverged(self) -> bool:
+        return self.nonfinite or not math.isfinite(self.loss)
 
 
 class Trainer:
-    """Optimises the active method of an AdaptedModel, one global batch per `step`."""
+    """Optimises the active method of an AdaptedModel, one global batch per `step`.
+
+    No host synchronisation inside `step`: losses, gradient norm and logit scale stay device
+    tensors until `collect` (one all-reduce of the stacked values, one transfer per log
+    interval). A non-finite loss or gradient is caught on the device: the fused AdamW step
+    reads a `found_inf` flag and leaves weights and state untouched, and the flag latches
+    (`halted`) so that no later update of this run is applied either; `collect` then reports
+    the first such step and the engine stops there ("training diverged at step N"). Under
+    fp16 an overflowing gradient instead skips just that update and halves the loss scale
+    (GradScaler's rule), reported as `skipped`. With several processes the decision uses the
+    (all-reduced, hence identical) gradients only, so every rank applies or skips alike.
+    """
 
     def __init__(self, model, head: SimilarityHead, cfg: TrainConfig, total_steps: int,
                  device: Optional[torch.device] = None):
@@ -111,6 +167,8 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False, find_unused_parameters=cfg.find_unused_parameters)
         self.global_step = 0
+        self.halted = torch.zeros((), dtype=torch.bool, device=self.device)  # latched divergence
+        self.pending: List[StepResult] = []
 
     def close(self) -> None:
         for fn in reversed(self._undo):
@@ -141,7 +199,7 @@ class Trainer:
             raise ValueError("step() needs at least one micro-batch")
         self.model.train()
         n = len(micro_batches)
-        total = t2v = v2t = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, t2v, v2t
         samples = 0
         for i, batch in enumerate(micro_batches):
             sync = self.ddp is None or i == n - 1
@@ -153,22 +211,25 @@ class Trainer:
                     self.scaler.scale(scaled).backward()
                 else:
                     scaled.backward()
-            total += float(loss.detach())
-            t2v += float(out.t2v)
-            v2t += float(out.v2t)
+            sums += torch.stack([loss.detach(), out.t2v, out.v2t]).to(torch.float64)
             samples += int(batch["tokens"].shape[0])
+        sums /= n
+        found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.params, self.cfg.grad_clip)
+            self.scaler.unscale_([p.grad for p in self.params if p.grad is not None], found_inf)
+        grad_norm = clip_grad_norm(self.params, self.cfg.grad_clip).to(self.device, torch.float64)
+        bad_grad = ~torch.isfinite(grad_norm)
+        bad_loss = ~torch.isfinite(sums[0]) if self.world == 1 else torch.zeros_like(bad_grad)
+        if self.scaler is None:
+            nonfinite, overflow = bad_grad | bad_loss, torch.zeros_like(bad_grad)
+        else:  # fp16: an overflowing gradient is the scaler's business, a non-finite loss is divergence
+            nonfinite, overflow = bad_loss, bad_grad | (found_inf[0] > 0)
+        self.halted |= nonfinite
+        skip = self.halted | overflow
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = False
+        guarded_step(self.optimizer, skip.to(torch.float32))
         if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale_before
-        else:
-            self.optimizer.step()
+            self.scaler.update(overflow.to(torch.float32).reshape(1))
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         ls = self.model.logit_scale
@@ -176,11 +237,24 @@ class Trainer:
             with torch.no_grad():
                 ls.clamp_(0, math.log(MAX_LOGIT_SCALE))
         self.global_step += 1
-        dev = self.device if self.device.type == "cuda" else "cpu"
-        return StepResult(
-            loss=dist_utils.all_reduce_mean(total / n, dev), loss_t2v=dist_utils.all_reduce_mean(t2v / n, dev),
-            loss_v2t=dist_utils.all_reduce_mean(v2t / n, dev), lr=lr, grad_norm=grad_norm,
-            logit_scale=float(ls.detach().exp()), samples=samples * self.world, skipped=skipped)
+        values = torch.cat([sums, grad_norm.reshape(1), ls.detach().exp().to(self.device, torch.float64).reshape(1),
+                            nonfinite.to(torch.float64).reshape(1), (overflow & ~self.halted).to(torch.float64).reshape(1)])
+        result = StepResult(values, lr, samples * self.world, self.global_step)
+        self.pending.append(result)
+        return result
+
+    def collect(self) -> List[StepRecord]:
+        """The steps since the last call, averaged over ranks: one all-reduce, one device->host
+        copy. Every rank must call it at the same steps (it is a collective)."""
+        if not self.pending:
+            return []
+        values = torch.stack([r.values for r in self.pending])
+        dist_utils.all_reduce_mean_(values)
+        rows = values.tolist()
+        records = [StepRecord(r.step, r.lr, r.samples, *row[:5], nonfinite=row[5] > 0, skipped=row[6] > 0)
+                   for r, row in zip(self.pending, rows)]
+        self.pending.clear()
+        return records
 
     # ------------------------------------------------------------------- state
     def state(self) -> Dict[str, Any]:
@@ -196,7 +270,10 @@ class Trainer:
 
 # ========================================================================= logging
 class RunLog:
-    """metrics.csv (+ TensorBoard) of a run; a no-op on ranks other than 0."""
+    """metrics.csv (+ TensorBoard) of a run; a no-op on ranks other than 0.
+
+    On resume the rows after the checkpoint (steps it does not contain, evaluations of epochs it
+    did not finish) are cut, so the file reads as if the run had never stopped."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_epoch: Optional[int] = None,
                  resume_step: int = 0):
@@ -208,13 +285,13 @@ class RunLog:
         rows = []
         if resume_epoch is not None and self.path.is_file():
             with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("epoch") and int(r["epoch"]) <= resume_epoch]
+                rows = [r for r in csv.DictReader(f) if _row_kept(r, resume_epoch, resume_step)]
         self._write_all(rows)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step if resume_epoch else None)
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step if resume_epoch is not None else None)
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
 
@@ -231,9 +308,15 @@ class RunLog:
     def row(self, values: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(
-                {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in values.items()})
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(
+                    {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in values.items()})
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no half-written row
+            raise WriteError(_describe_write_error(exc, self.path)) from None
         if self.tb is not None:
             step = int(values["step"])
             prefix = "train" if values["kind"] == "step" else "eval"
@@ -244,6 +327,15 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _row_kept(row: Dict[str, str], epochs_done: int, global_step: int) -> bool:
+    try:
+        if row.get("kind") == "step":
+            return int(row["step"]) <= global_step
+        return int(row["epoch"]) <= epochs_done
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def read_metrics_csv(path: str | os.PathLike) -> List[Dict[str, str]]:
@@ -321,6 +413,7 @@ class FitResult:
     best_metrics: Dict[str, float] = field(default_factory=dict)
     best_epoch: Optional[int] = None
     step_losses: List[float] = field(default_factory=list)
+    dropped_items: Dict[int, str] = field(default_factory=dict)  # unreadable training items left out
 
 
 def _eval_due(epoch: int, cfg: TrainConfig) -> bool:
@@ -336,14 +429,16 @@ def fit(
     data: Optional[RunData] = None,
     model=None,
     stop_after_epochs: Optional[int] = None,
+    stop_after_steps: Optional[int] = None,
     source: str = "config",
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train (and evaluate) as `cfg` says, writing the run directory.
 
     `data` / `model` replace what the config would build (tests, notebooks).
-    `stop_after_epochs` ends this invocation early (as a preemption would); `--resume`
-    continues it.
+    `stop_after_epochs` ends this invocation after that epoch (checkpoint written), as a
+    scheduled stop would; `stop_after_steps` ends it right after that update *without*
+    writing anything more, as a kill would. `--resume` continues either.
     """
     from xmodal.backbones.factory import create_backbone
     from xmodal.methods import apply_method
@@ -353,14 +448,22 @@ def fit(
     is_main = info.is_main
     run_dir = Path(run_dir or cfg.output_dir or "runs/run")
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(run_dir)
+    if data is None and not cfg.data.root:
+        raise XModalError(f"{source}: data.root is unset; set it in the config (the dataset root or annotation "
+                          f"file) or pass data.root=PATH")
 
     seed_everything(tcfg.seed)  # identical model initialisation on every rank
     if model is None:
         backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, cache_dir=cfg.model.cache_dir,
                                    seed=tcfg.seed)
         model = apply_method(backbone, cfg.method_config(source))
-    head = head_from_config(cfg.head)
+    head = model.use_head(head_from_config(cfg.head))  # a trained head (seq_transformer) joins the adapter
+    from xmodal.provenance import describe_run, train_run_record, training_record, weights_record
+
+    # saved adapters remember the weights (hash), head, frames and words they were trained with
+    model.training_record = training_record(cfg, weights_record(model.backbone, cfg.model.pretrained,
+                                                                cfg.model.cache_dir))
     if data is None:
         data = build_data(cfg, model)
 
@@ -370,9 +473,7 @@ def fit(
         raise XModalError(f"{source}: train.batch_size={tcfg.batch_size} / grad_accum={tcfg.grad_accum} "
                           f"must be divisible by the number of processes ({world})")
     micro = per_update // world
-    sampler = DistributedSampler(data.train, num_replicas=world, rank=info.rank, shuffle=True, seed=tcfg.seed,
-                                 drop_last=True)
-    micro_batches_per_epoch = len(sampler) // micro
+    micro_batches_per_epoch = (len(data.train) // world) // micro
     steps_per_epoch = micro_batches_per_epoch // tcfg.grad_accum
     if tcfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, tcfg.max_steps_per_epoch)
@@ -381,29 +482,43 @@ def fit(
                           f"(train.batch_size={tcfg.batch_size}); lower train.batch_size")
     total_steps = tcfg.epochs * steps_per_epoch
     trainer = Trainer(model, head, tcfg, total_steps, info.device)
+    last_dir = run_dir / "last"
 
     # ----------------------------------------------------------- resume
     start_epoch, best_score, best_epoch, best_metrics = 0, -math.inf, None, {}
+    position = SamplerPosition()
     ckpt = None
     if resume:
-        ckpt = find_checkpoint(run_dir / "last")
+        if is_main:
+            recover_checkpoint(last_dir)  # finish or roll back a write that a crash interrupted
+        dist_utils.barrier()
+        ckpt = find_checkpoint(last_dir)
         if ckpt is None:
-            raise XModalError(f"{run_dir / 'last'}: no training checkpoint to resume from (run without --resume)")
+            detail = describe_missing(last_dir) if any(p.exists() for p in (last_dir, run_dir / ".last.old",
+                                                                            run_dir / ".last.tmp")) else ""
+            raise CheckpointError(f"{last_dir}: no training checkpoint to resume from"
+                                  + (f" ({detail})" if detail else "") + "; run without --resume to start over")
         state = load_training_checkpoint(ckpt, model, trainer.optimizer, info.rank, world, info.device,
                                          restore_rng_state=False)
         if state.get("steps_per_epoch") != steps_per_epoch or state.get("total_steps") != total_steps:
             raise XModalError(
                 f"{ckpt}: saved with {state.get('steps_per_epoch')} steps/epoch and {state.get('total_steps')} total, "
                 f"this config gives {steps_per_epoch} and {total_steps}; resume needs the same data, batch and epochs")
-        trainer.load_state(state["trainer"])
-        start_epoch = int(state["epoch"])
-        best_score = float(state.get("best_score", -math.inf))
+        try:
+            trainer.load_state(state["trainer"])
+            start_epoch = int(state["epoch"])
+            position = SamplerPosition.from_state(state.get("sampler") or {}, info.rank, world)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt / 'trainer_state.json'}: invalid trainer state ({exc!r})") from None
+        best_score = -math.inf if state.get("best_score") is None else float(state["best_score"])
         best_epoch = state.get("best_epoch")
         best_metrics = state.get("best_metrics", {})
         if is_main:
-            log(f"resuming from {ckpt} after epoch {start_epoch} (step {trainer.global_step})")
+            where = f"epoch {start_epoch + 1} update {position.step_in_epoch}" if position.step_in_epoch \
+                else f"after epoch {start_epoch}"
+            log(f"resuming from {ckpt} at {where} (step {trainer.global_step})")
 
-    elif is_main and find_checkpoint(run_dir / "last") is not None:
+    elif is_main and find_checkpoint(last_dir) is not None:
         log(f"warning: {run_dir} holds a previous run; starting over (pass --resume to continue it)")
 
     if is_main:
@@ -422,17 +537,32 @@ def fit(
 
     result = FitResult(run_dir, start_epoch, trainer.global_step, best_metrics=best_metrics, best_epoch=best_epoch)
     end_epoch = tcfg.epochs if stop_after_epochs is None else min(tcfg.epochs, stop_after_epochs)
+
+    def checkpoint(epoch: int, metrics: Dict[str, float], epoch_end: bool = False) -> None:
+        """Write RUN/last (rank 0) with every rank's RNG and sampler position; all ranks call it.
+        At an epoch's end the ranks' dropped items become the next epoch's (common) exclusions."""
+        gathered = dist_utils.all_gather_object((capture_rng(info.device), position.cursor, position.dropped))
+        position.merge_dropped([g[2] for g in gathered])
+        if epoch_end:
+            position.next_epoch()
+            gathered = [(g[0], 0, g[2]) for g in gathered]
+        if is_main:
+            save_training_checkpoint(last_dir, model, trainer.optimizer, {
+                "epoch": epoch, "trainer": trainer.state(), "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "best_score": best_score if math.isfinite(best_score) else None,
+                "best_epoch": best_epoch,
+                "best_metrics": best_metrics, "world_size": world, "metrics": metrics,
+                "sampler": position.state([g[1] for g in gathered]),
+            }, [g[0] for g in gathered])
+        dist_utils.barrier()
+
+    run = _EpochRunner(trainer, data, cfg, info, runlog, result, position, log, last_dir, checkpoint,
+                       steps_per_epoch, micro, stop_after_steps)
     try:
         for epoch in range(start_epoch, end_epoch):
-            sampler.set_epoch(epoch)
-            if hasattr(data.train, "set_epoch"):
-                data.train.set_epoch(epoch)
-            loader = DataLoader(
-                data.train, batch_size=micro, sampler=sampler, drop_last=True, collate_fn=data.collate,
-                num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda",
-                generator=torch.Generator().manual_seed(tcfg.seed * 1000 + epoch),
-                persistent_workers=False)
-            _train_epoch(trainer, loader, epoch, steps_per_epoch, tcfg, runlog, result, is_main)
+            if not run.train_epoch(epoch):
+                result.global_step = trainer.global_step
+                return result  # stopped after `stop_after_steps` updates, as a kill would
             metrics = {}
             if _eval_due(epoch, tcfg):
                 metrics = evaluate(model, data.eval, head, collate_fn=data.collate, max_words=cfg.data.max_words,
@@ -440,32 +570,33 @@ def fit(
                                    num_workers=cfg.data.num_workers, dual_softmax=cfg.eval.dual_softmax,
                                    device=info.device, progress=None if (tcfg.progress and is_main) else False)
                 score = score_of(metrics, tcfg.best_metric)
+                run_info = train_run_record(cfg, model, data.eval, metrics, info.device, trainer.precision)
                 runlog.row({"kind": "epoch", "epoch": epoch + 1, "step": trainer.global_step, **metrics,
                             "score": score})
                 if is_main:
                     from xmodal.metrics import format_metrics_table
 
                     log(f"epoch {epoch + 1}/{tcfg.epochs} evaluation ({tcfg.best_metric} = {score:.2f}):\n"
-                        f"{format_metrics_table(metrics)}")
+                        f"{format_metrics_table(metrics, title=describe_run(run_info))}")
                 if score > best_score:
                     best_score, best_epoch, best_metrics = score, epoch + 1, metrics
                     if is_main:
-                        _save_best(model, run_dir, metrics, epoch + 1, score)
+                        _save_best(model, run_dir, {**metrics, "run": run_info}, epoch + 1, score)
                 result.final_metrics = metrics
-            rng = dist_utils.all_gather_object(capture_rng(info.device))
-            if is_main:
-                save_training_checkpoint(run_dir / "last", model, trainer.optimizer, {
-                    "epoch": epoch + 1, "trainer": trainer.state(), "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps, "best_score": best_score, "best_epoch": best_epoch,
-                    "best_metrics": best_metrics, "world_size": world, "metrics": metrics,
-                }, rng)
-            dist_utils.barrier()
+            checkpoint(epoch + 1, metrics, epoch_end=True)
+            if is_main and position.dropped:
+                log(f"warning: {len(position.dropped)} unreadable training item(s) left out of the sampler so far "
+                    f"(listed in {last_dir / 'trainer_state.json'}), e.g. {next(iter(position.dropped.values()))}")
             result.epochs_done = epoch + 1
         result.global_step = trainer.global_step
         result.best_metrics, result.best_epoch = best_metrics, best_epoch
+        result.dropped_items = dict(position.dropped)
         if is_main and result.epochs_done == tcfg.epochs and result.final_metrics:
             final = {**result.final_metrics, "epoch": result.epochs_done, "best_epoch": best_epoch,
-                     "best_score": best_score, "best_metric": tcfg.best_metric}
+                     "best_score": best_score, "best_metric": tcfg.best_metric,
+                     "dropped_train_items": len(position.dropped),
+                     "run": train_run_record(cfg, model, data.eval, result.final_metrics, info.device,
+                                             trainer.precision)}
             write_text_atomic(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
     finally:
         runlog.close()
@@ -474,44 +605,167 @@ def fit(
 
 
 def _save_best(model, run_dir: Path, metrics: Dict[str, float], epoch: int, score: float) -> None:
-    staged = run_dir / ".best.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    model.save_adapter(staged)
-    write_text_atomic(staged / "metrics.json", json.dumps({**metrics, "epoch": epoch, "score": score}, indent=2) + "\n")
-    replace_dir(staged, run_dir / "best")
+    with atomic_directory(run_dir / "best") as staged:
+        model.save_adapter(staged / "adapter")
+        for name in os.listdir(staged / "adapter"):
+            os.replace(staged / "adapter" / name, staged / name)
+        os.rmdir(staged / "adapter")
+        write_text_atomic(staged / "metrics.json", json.dumps({**metrics, "epoch": epoch, "score": score}, indent=2) + "\n")
 
 
-def _next_batch(it) -> Dict[str, Any]:
-    """The next non-empty batch (collate gives None when every sample was unreadable)."""
-    for batch in it:
-        if batch is not None:
-            return batch
-    raise XModalError("the training loader ran out of batches: too many unreadable media files "
-                      "(see the warnings above), or the dataset changed during the run")
+class SamplerPosition:
+    """Where the sample stream of this rank stands, and which items were found unreadable.
+
+    `exclude` (frozen for the current epoch, the same on every rank) shapes the epoch's batches;
+    `dropped` (index -> reason) grows as unreadable items are seen and becomes the next epoch's
+    `exclude`. `cursor` counts the micro-batches this rank consumed in the epoch, so a resumed
+    run restarts its stream exactly there. All of it is part of the checkpoint."""
+
+    def __init__(self, step_in_epoch: int = 0, cursor: int = 0, exclude=(), dropped: Optional[Dict[int, str]] = None):
+        self.step_in_epoch = int(step_in_epoch)
+        self.cursor = int(cursor)
+        self.exclude = sorted(int(i) for i in exclude)
+        self.dropped: Dict[int, str] = dict(dropped or {})
+
+    def merge_dropped(self, per_rank: List[Dict[int, str]]) -> None:
+        for d in per_rank:
+            for k, v in d.items():
+                self.dropped.setdefault(int(k), v)
+
+    def next_epoch(self) -> None:
+        self.step_in_epoch, self.cursor = 0, 0
+        self.exclude = sorted(self.dropped)
+
+    def state(self, cursors: List[int]) -> Dict[str, Any]:
+        return {"step_in_epoch": self.step_in_epoch, "cursor": list(cursors), "exclude": self.exclude,
+                "dropped": {str(k): v for k, v in sorted(self.dropped.items())}}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any], rank: int, world: int) -> "SamplerPosition":
+        cursors = state.get("cursor", [0] * world)
+        if len(cursors) != world:
+            raise ValueError(f"sampler cursors of {len(cursors)} processes, resuming with {world}")
+        return cls(state.get("step_in_epoch", 0), cursors[rank], state.get("exclude", ()),
+                   {int(k): str(v) for k, v in (state.get("dropped") or {}).items()})
 
 
-def _train_epoch(trainer: Trainer, loader, epoch: int, steps: int, tcfg: TrainConfig, runlog: RunLog,
-                 result: FitResult, is_main: bool) -> None:
-    from tqdm.auto import tqdm
+class _EpochRunner:
+    """The updates of one epoch: batches from the resumable sampler, unreadable items dropped,
+    metrics collected (one host sync) every `train.log_every` updates, checkpoints every
+    `train.save_every_steps`, divergence reported at the first sync after it happened."""
 
-    bar = tqdm(total=steps * tcfg.batch_size, unit="sample", dynamic_ncols=True,
-               desc=f"epoch {epoch + 1}/{tcfg.epochs}", disable=not (tcfg.progress and is_main), file=sys.stderr)
-    it = iter(loader)
-    try:
-        for s in range(steps):
-            t0 = time.perf_counter()
-            micro = [_next_batch(it) for _ in range(tcfg.grad_accum)]
-            r = trainer.step(micro)
-            dt = max(time.perf_counter() - t0, 1e-9)
-            result.step_losses.append(r.loss)
-            bar.update(r.samples)
+    def __init__(self, trainer: Trainer, data: RunData, cfg: RunConfig, info, runlog: RunLog, result: FitResult,
+                 position: SamplerPosition, log: Callable[[str], None], last_dir: Path, checkpoint,
+                 steps: int, micro: int, stop_after_steps: Optional[int]):
+        self.trainer, self.data, self.cfg, self.info = trainer, data, cfg, info
+        self.runlog, self.result, self.position, self.log = runlog, result, position, log
+        self.last_dir, self.checkpoint = last_dir, checkpoint
+        self.steps, self.micro, self.stop_after_steps = steps, micro, stop_after_steps
+        self.is_main = info.is_main
+        self._t0 = time.perf_counter()
+        self._samples = 0
+
+    def _loader(self, epoch: int):
+        from xmodal.engine.sampler import EpochBatches, IndexedDataset, collate_with_failures
+
+        d, t = self.cfg.data, self.cfg.train
+        plan = EpochBatches(len(self.data.train), self.micro, seed=t.seed, epoch=epoch, rank=self.info.rank,
+                            world_size=self.info.world_size, exclude=self.position.exclude,
+                            start=self.position.cursor)
+        return DataLoader(IndexedDataset(self.data.train), batch_sampler=plan,
+                          collate_fn=collate_with_failures(self.data.collate), num_workers=d.num_workers,
+                          pin_memory=self.info.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(t.seed * 1000 + epoch), persistent_workers=False)
+
+    def _next_batch(self, it) -> Dict[str, Any]:
+        """The next batch with at least one readable sample; unreadable items are dropped for good."""
+        while True:
+            try:
+                out = next(it)
+            except StopIteration:
+                raise DataError(f"no readable training item left: all {len(self.data.train)} items of the training "
+                                f"split were unreadable (e.g. {next(iter(self.position.dropped.values()), '?')})") from None
+            self.position.cursor += 1
+            for index, why in out["unreadable"].items():
+                if index not in self.position.dropped:
+                    self.position.dropped[index] = why
+                    if self.is_main:
+                        self.log(f"warning: unreadable training item dropped from the sampler: {why}")
+            if out["batch"] is not None:
+                return out["batch"]
+            if len(self.position.dropped) >= len(self.data.train):
+                raise DataError(
+                    f"no readable training item left: all {len(self.data.train)} items of the training split were "
+                    f"unreadable (e.g. {next(iter(self.position.dropped.values()))})")
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Run the rest of `epoch`; False if `stop_after_steps` ended the invocation."""
+        from tqdm.auto import tqdm
+
+        t, trainer = self.cfg.train, self.trainer
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(epoch)
+        bar = tqdm(total=self.steps * t.batch_size, initial=self.position.step_in_epoch * t.batch_size,
+                   unit="sample", dynamic_ncols=True, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   disable=not (t.progress and self.is_main), file=sys.stderr)
+        it = iter(self._loader(epoch))
+        self._t0, self._samples = time.perf_counter(), 0
+        try:
+            while self.position.step_in_epoch < self.steps:
+                micro = [self._next_batch(it) for _ in range(t.grad_accum)]
+                r = trainer.step(micro)
+                self.position.step_in_epoch += 1
+                self._samples += r.samples
+                bar.update(r.samples)
+                if self.stop_after_steps is not None and trainer.global_step >= self.stop_after_steps:
+                    return False
+                last = self.position.step_in_epoch == self.steps
+                save = bool(t.save_every_steps) and trainer.global_step % t.save_every_steps == 0 and not last
+                if last or save or trainer.global_step % t.log_every == 0:
+                    self.flush(epoch, bar)
+                if save:
+                    self.checkpoint(epoch, {})
+            return True
+        finally:
+            bar.close()
+            del it
+
+    def flush(self, epoch: int, bar=None) -> None:
+        """The host sync of a log interval: metrics rows, console line, divergence check."""
+        records = self.trainer.collect()
+        if not records:
+            return
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        rate = self._samples / dt
+        self._t0, self._samples = time.perf_counter(), 0
+        bad = next((r for r in records if r.diverged), None)
+        for r in records:
+            self.result.step_losses.append(r.loss)
+            self.runlog.row({"kind": "step", "epoch": epoch + 1, "step": r.step, "loss": r.loss,
+                             "loss_t2v": r.loss_t2v, "loss_v2t": r.loss_v2t, "lr": r.lr, "grad_norm": r.grad_norm,
+                             "logit_scale": r.logit_scale, "samples_per_s": rate, "skipped": int(r.skipped)})
+            if r is bad:
+                break
+        if bad is not None:
+            self._diverged(bad)
+        r = records[-1]
+        skipped = sum(x.skipped for x in records)
+        note = f", {skipped} update(s) skipped for fp16 overflow" if skipped else ""
+        if bar is not None:
             bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{r.lr:.2e}")
-            runlog.row({"kind": "step", "epoch": epoch + 1, "step": trainer.global_step, "loss": r.loss,
-                        "loss_t2v": r.loss_t2v, "loss_v2t": r.loss_v2t, "lr": r.lr, "grad_norm": r.grad_norm,
-                        "logit_scale": r.logit_scale, "samples_per_s": r.samples / dt})
-            if is_main and not tcfg.progress and (trainer.global_step % max(1, tcfg.log_every) == 0 or s == steps - 1):
-                print(f"epoch {epoch + 1} step {trainer.global_step}: loss {r.loss:.4f} lr {r.lr:.3g} "
-                      f"{r.samples / dt:.1f} samples/s", file=sys.stderr)
-    finally:
-        bar.close()
-        del it
+        if self.is_main and (not self.cfg.train.progress or skipped):
+            print(f"epoch {epoch + 1} step {r.step}: loss {r.loss:.4f} lr {r.lr:.3g} {rate:.1f} samples/s{note}",
+                  file=sys.stderr)
+
+    def _diverged(self, bad: StepRecord) -> None:
+        last = find_checkpoint(self.last_dir)
+        if last is not None:
+            step = read_trainer_state(last).get("trainer", {}).get("global_step")
+            where = (f"{last} (step {step}); lower train.lr and start over (--resume from it keeps the "
+                     f"checkpoint's learning-rate schedule)")
+        else:
+            where = "none (nothing was saved yet); lower train.lr and start over"
+        raise TrainingDiverged(
+            f"training diverged at step {bad.step} (loss={bad.loss:.6g}, grad_norm={bad.grad_norm:.6g}, "
+            f"lr={bad.lr:.3g}); that update and later ones were not applied and no checkpoint was written after "
+            f"it; last good checkpoint: {where}")

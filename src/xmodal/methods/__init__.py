@@ -2,29 +2,29 @@
 
 >>> from xmodal.methods import apply_method, make_config
 >>> model = apply_method(backbone, make_config("cross_modal_adapter", r=8, d_s=16))
+>>> model = apply_method(backbone, make_config("msta", preset="paper"))
+
+Module graph without cycles: `registry` (names -> classes) <- `base` (what a method is) <- the
+method modules; `model` (AdaptedModel) imports `base`/`registry`; `checkpoint` imports
+`registry` only. `AdaptedModel`/`apply_method` are loaded on first access, so importing
+`xmodal.methods.checkpoint` (or any method module) does not import `model`.
 """
 
-import importlib
-from pathlib import Path
-
-from xmodal.methods.base import (  # noqa: F401
-    REGISTRY, Method, MethodConfig, config_from_dict, get_method_class, make_config, register,
+from xmodal.methods.base import Method, MethodConfig  # noqa: F401
+from xmodal.methods.registry import (  # noqa: F401
+    METHOD_MODULES, REGISTRY, config_from_dict, get_method_class, list_methods, load_method_modules, make_config,
+    register,
 )
-from xmodal.methods.model import AdaptedModel, apply_method  # noqa: F401
 
-# one module per method; each registers itself on import
-METHOD_MODULES = [
-    "full_finetune", "partial", "projection",
-    "cross_modal_adapter", "uni_adapter", "adaptformer", "adapter_attn", "lora",
-    "mv_adapter", "msta", "st_adapter", "convpass",
-    "coop", "vpt", "vl_prompt", "maple",
-]
-
-_here = Path(__file__).resolve().parent
-for _name in METHOD_MODULES:
-    if (_here / f"{_name}.py").exists():
-        importlib.import_module(f"xmodal.methods.{_name}")
+_LAZY = {"AdaptedModel": "xmodal.methods.model", "apply_method": "xmodal.methods.model"}
 
 
-def list_methods():
-    return sorted(REGISTRY)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'xmodal.methods' has no attribute {name!r}")
+
+
+load_method_modules()

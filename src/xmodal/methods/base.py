@@ -57,36 +57,11 @@ class MethodConfig:
 
 
 # ------------------------------------------------------------------------- registry
-REGISTRY: Dict[str, type] = {}
-
-
-def register(cls):
-    """Class decorator: make a `Method` subclass available by `cls.name`."""
-    if not cls.name or cls.config_class is None:
-        raise TypeError(f"{cls.__name__} needs `name` and `config_class`")
-    if cls.config_class.method != cls.name:
-        raise TypeError(f"{cls.__name__}: config_class.method {cls.config_class.method!r} != name {cls.name!r}")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_method_class(name: str) -> type:
-    from xmodal import methods  # noqa: F401  (imports every method module)
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise XModalError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}") from None
-
-
-def config_from_dict(data: Dict[str, Any], source: str = "config") -> MethodConfig:
-    if "method" not in data:
-        raise XModalError(f"{source}: missing key 'method' (one of {sorted(REGISTRY)})")
-    return get_method_class(data["method"]).config_class.from_dict(data, source=source)
-
-
-def make_config(name: str, **overrides) -> MethodConfig:
-    return get_method_class(name).config_class(**overrides)
+# The registry lives in its own module (no import circle base <-> model <-> checkpoint);
+# these names stay importable from here.
+from xmodal.methods.registry import (  # noqa: E402,F401
+    REGISTRY, config_from_dict, get_method_class, list_methods, make_config, register,
+)
 
 
 # ------------------------------------------------------------------- layer helpers
@@ -166,9 +141,15 @@ def hook_block(block: nn.Module, position: str, fn: Callable[[torch.Tensor], tor
     position "attn" -> branch after attention (`ls_1`), "ffn" -> after the MLP (`ls_2`).
     form "sequential": delta = fn(branch output)  (Houlsby / Cross-Modal Adapter);
     form "parallel":   delta = fn(block input of that branch) (AdaptFormer, He et al.);
-    form "parallel_normed": delta = fn(LayerNorm output feeding that branch) (Convpass).
+    form "parallel_normed": delta = fn(LayerNorm output feeding that branch) (Convpass);
+    form "block_parallel" (position "block"): out = block(x) + fn(x), the adapter parallel to
+    the WHOLE block, reading the block's input (MSTA: E_j(x) + lambda * A_j(x)).
     Returns the hook handles (remove them to detach).
     """
+    if form == "block_parallel":
+        if position not in ("block", None):
+            raise XModalError(f"form='block_parallel' adapts the whole block: position must be 'block', got {position!r}")
+        return hook_block_parallel(block, fn)
     if position not in ("attn", "ffn"):
         raise XModalError(f"position={position!r}: expected 'attn' or 'ffn'")
     ls, ln = {"attn": ("ls_1", "ln_1"), "ffn": ("ls_2", "ln_2")}[position]
@@ -186,7 +167,23 @@ def hook_block(block: nn.Module, position: str, fn: Callable[[torch.Tensor], tor
             return output + fn(x)
 
         return [tap_hook, getattr(block, ls).register_forward_hook(add_parallel)]
-    raise XModalError(f"form={form!r}: expected 'sequential', 'parallel' or 'parallel_normed'")
+    raise XModalError(f"form={form!r}: expected 'sequential', 'parallel', 'parallel_normed' or 'block_parallel'")
+
+
+def hook_block_parallel(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """out = block(x) + fn(x): a pre-hook keeps the block input x (positional, or open_clip's
+    `q_x` keyword), a forward hook adds fn(x) to the block output. A stack, not one slot, so a
+    block re-entered (nested calls) still pairs each output with its own input."""
+    inputs: List[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["q_x"])
+
+    def add(module, args, kwargs, output):
+        return output + fn(inputs.pop())
+
+    return [block.register_forward_pre_hook(keep, with_kwargs=True),
+            block.register_forward_hook(add, with_kwargs=True)]
 
 
 def rewrite_block_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -227,6 +224,9 @@ class Method(nn.Module):
     config_class: ClassVar[Optional[type]] = None
     #: whether the method leaves the frozen backbone's outputs unchanged at initialisation
     identity_at_init: ClassVar[bool] = True
+    #: what the method's paper divides its trainable count by: "backbone" (without the adapter)
+    #: or "backbone_without_token_embedding" (MSTA); see AdaptedModel.parameter_report
+    paper_denominator: ClassVar[str] = "backbone"
 
     def __init__(self, config: MethodConfig, backbone: DualEncoder):
         super().__init__()
@@ -314,6 +314,6 @@ def modalities_of(spec: Union[str, Sequence[str]]) -> List[str]:
 
 __all__ = [
     "MethodConfig", "Method", "REGISTRY", "register", "get_method_class", "config_from_dict", "make_config",
-    "select_layers", "map_layer", "hook_block", "hook_block_input", "rewrite_block_input", "patch_grid", "check_state_shapes", "modalities_of", "VISION", "TEXT",
+    "select_layers", "map_layer", "hook_block", "hook_block_parallel", "hook_block_input", "list_methods", "rewrite_block_input", "patch_grid", "check_state_shapes", "modalities_of", "VISION", "TEXT",
     "MODALITIES", "field",
 ]

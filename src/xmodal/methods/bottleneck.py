@@ -30,10 +30,13 @@ from torch import nn
 from xmodal.backbones.dual_encoder import DualEncoder
 from xmodal.errors import XModalError
 from xmodal.methods.base import LayerSpec, Method, hook_block, modalities_of, select_layers
+from xmodal.methods import fused
 
 ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # "gelu_new" of the official CMA code
     "gelu": F.gelu,
+    # x * sigmoid(1.702 x): what the official CMA training script requires (its CLIP uses QuickGELU);
+    # the paper's text only says "a GELU approximation"
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
     "silu": F.silu,
@@ -41,7 +44,8 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 #: zero_up: down ~ truncated normal(init_std), up = 0 -> the adapted model starts at the frozen one.
 #: lora:    down ~ kaiming uniform (a=sqrt(5)), up = 0 (AdaptFormer / He et al. code), also identity.
-#: normal:  down and up ~ truncated normal(init_std) (the official Cross-Modal Adapter code); not identity.
+#: normal:  down and up ~ N(0, init_std), truncated at +-2 absolute = effectively untruncated (the official
+#:          Cross-Modal Adapter code: trunc_normal_(std=0.01)); not identity.
 INITS = ("zero_up", "lora", "normal")
 POSITIONS = ("attn", "ffn")
 FORMS = ("sequential", "parallel")
@@ -123,6 +127,10 @@ def init_projection_(
             # kaiming_uniform_(a=sqrt(5)) as nn.Linear: bound = 1 / sqrt(fan_in)
             bound = 1.0 / math.sqrt(fan_in or w.shape[1])
             w.uniform_(-bound, bound)
+        elif init == "normal":
+            # the official Cross-Modal Adapter code: trunc_normal_(std=0.01) with torch's default
+            # bounds of +-2 ABSOLUTE, i.e. +-200 std: effectively an untruncated normal
+            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-2.0, b=2.0)
         else:
             nn.init.trunc_normal_(w, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
@@ -190,6 +198,8 @@ class Bottleneck(nn.Module):
         init_projection_(self.up, "up", self.init, self.init_std)
 
     def forward(self, x: torch.Tensor, shared: Optional[SharedSlice] = None) -> torch.Tensor:
+        if fused.is_enabled() and fused.supports(self):  # one autograd node per site (methods/fused.py)
+            return fused.bottleneck_forward(self, x, shared)
         dtype = self.down.weight.dtype
         h = x.to(dtype)
         if self.norm is not None:

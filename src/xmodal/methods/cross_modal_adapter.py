@@ -32,9 +32,13 @@ Ablation axes of the paper, all config fields:
   `map_layer(i, depth, slots, layer_map)`: "proportional" (two vision blocks per slot on
   ViT-L) or "top" (last blocks aligned; lower blocks, which map to no slot, get a uni-modal
   adapter).
-- `init` "zero_up" (default: down ~ N(0, init_std) truncated, all up-projections zero, so the
-  adapted model starts exactly at the frozen one) | "normal" (every weight ~ N(0, init_std),
-  std 0.01, as the official code; not identity at init) | "lora".
+- `init` "zero_up" (default: down ~ N(0, init_std) truncated at 2 std, all up-projections zero, so
+  the adapted model starts exactly at the frozen one) | "normal" (every weight ~ N(0, init_std),
+  std 0.01, drawn as the official code's trunc_normal_(std=0.01), whose +-2 bounds are absolute,
+  i.e. effectively untruncated; not identity at init) | "lora".
+- `activation` "gelu_tanh" (default; "gelu_new" of the official adapter module, the paper's
+  "GELU approximation") | "quick_gelu" (x * sigmoid(1.702 x): what the official training script
+  requires, since its CLIP runs QuickGELU) | "gelu" | "relu" | "silu".
 
 Defaults are the paper's: r=8, d_s=16, sequential after attention and after the MLP of
 every block of both encoders. On ViT-B/32 that is 519,168 trainable parameters.

@@ -3,6 +3,9 @@
 The peft `PeftModel` of xmodal: `add_method` builds a method for this backbone,
 `set_active` detaches the current one and attaches another (no backbone reload),
 `disable_adapters()` runs the frozen backbone (MSTA's frozen branch, zero-shot baselines).
+Several methods at once on different towers are ONE method, `compose` (methods/compose.py).
+A similarity head with weights (CLIP4Clip's seq_transformer) is bound with `use_head`: its
+module joins the trainable set and the adapter checkpoint (`head_module`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from torch import nn
 
 from xmodal.backbones.dual_encoder import DualEncoder
 from xmodal.errors import XModalError
-from xmodal.methods.base import Method, MethodConfig, get_method_class
+from xmodal.methods.base import Method, MethodConfig
+from xmodal.methods.registry import get_method_class
 
 
 class AdaptedModel(nn.Module):
@@ -24,6 +28,8 @@ class AdaptedModel(nn.Module):
         self.backbone = backbone
         self.methods = nn.ModuleDict()
         self.active: Optional[str] = None
+        self.head_module: Optional[nn.Module] = None
+        self.head_settings: Optional[dict] = None  # pooling etc. of the head the module belongs to
         backbone.requires_grad_(False)
         self.train(backbone.training)  # eval unless the caller says otherwise (dropout off)
 
@@ -84,12 +90,83 @@ class AdaptedModel(nn.Module):
             method.attach(self.backbone)
             method.attached = True
 
+    # --------------------------------------------------------------------- head
+    def use_head(self, head):
+        """Bind a similarity head's weights to this model (seq_transformer; others pass through).
+
+        The weights come from a loaded adapter when it saved a head of the same pooling, or
+        are built fresh; either way they train with the adapter and are saved with it.
+        Returns the head.
+        """
+        if not getattr(head, "trained", False):
+            return head
+        settings = {"pooling": head.pooling}
+        if self.head_module is None or self.head_settings != settings:
+            with self.disable_adapters():  # CLIP4Clip's init copies the frozen text blocks
+                module = head.build(self.backbone)
+            ref = next(iter(self.backbone.parameters()))
+            self.set_head_module(module.to(device=ref.device), settings)
+        head.module = self.head_module
+        return head
+
+    def load_head_state(self, settings: Optional[dict], state: dict, source: str = "") -> None:
+        """Restore a trained head saved with an adapter (its weights, then `use_head` binds them)."""
+        from xmodal.engine.heads import SimilarityHead
+        from xmodal.methods.base import check_state_shapes
+
+        pooling = (settings or {}).get("pooling")
+        if not isinstance(settings, dict) or not state:
+            raise XModalError(f"{source}: the checkpoint has a similarity head without "
+                              f"{'its tensors' if settings else 'its settings'}; save the adapter again")
+        head = SimilarityHead(pooling) if pooling in ("seq_transformer",) else None
+        if head is None:
+            raise XModalError(f"{source}: similarity_head.pooling={pooling!r} is not a trained pooling")
+        module = head.build(self.backbone)
+        check_state_shapes(module.state_dict(), state, source)
+        module.load_state_dict(state, strict=True)
+        module.initialised_from = "checkpoint"
+        ref = next(iter(self.backbone.parameters()))
+        self.set_head_module(module.to(device=ref.device), {"pooling": pooling})
+
+    def set_head_module(self, module: nn.Module, settings: dict) -> None:
+        module.train(self.training)
+        module.requires_grad_(True)
+        self.head_module = module
+        self.head_settings = dict(settings)
+
+    def trainable_state(self) -> dict:
+        """What is trained: the active method's tensors and a bound trained head's (`similarity_head.*`)."""
+        from xmodal.methods.checkpoint import HEAD_PREFIX
+
+        state = dict(self.method.trainable_state(self.backbone)) if self.method is not None else {}
+        if self.head_module is not None:
+            state.update({HEAD_PREFIX + k: v.detach() for k, v in self.head_module.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict, source: str = "") -> None:
+        """Inverse of `trainable_state` on this model as built (resume): method, then head."""
+        from xmodal.methods.base import check_state_shapes
+        from xmodal.methods.checkpoint import HEAD_PREFIX
+
+        state = dict(state)
+        head = {k[len(HEAD_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(HEAD_PREFIX)]}
+        if self.method is None:
+            raise XModalError(f"{source}: the model has no active method to load the state into")
+        self.method.load_trainable_state(state, self.backbone, source=source)
+        if head or self.head_module is not None:
+            if self.head_module is None:
+                raise XModalError(f"{source}: the state holds a similarity head's tensors but this model has no "
+                                  f"trained head bound (head.pooling differs from the saved run's?)")
+            check_state_shapes(self.head_module.state_dict(), head, f"{source} [similarity head]")
+            self.head_module.load_state_dict(head, strict=True)
+
     # --------------------------------------------------------------- parameters
     def trainable_parameters(self) -> List[nn.Parameter]:
+        head = list(self.head_module.parameters()) if self.head_module is not None else []
         if self.method is None:
-            return []
+            return head
         seen, out = set(), []
-        for p in self.method.trainable_parameters(self.backbone):
+        for p in [*self.method.trainable_parameters(self.backbone), *head]:
             if id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
@@ -100,11 +177,33 @@ class AdaptedModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if id(p) in ids]
 
     def parameter_counts(self) -> Tuple[int, int]:
-        """(trainable, total) where total = backbone + the active method's own tensors."""
+        """(trainable, total) where total = backbone + the active method's (and head's) own tensors."""
+        report = self.parameter_report()
+        return report["trainable"], report["total"]
+
+    def parameter_report(self) -> dict:
+        """Counts and both percentages: xmodal's (of backbone + method) and the papers'.
+
+        The papers divide by the backbone WITHOUT the adapter; MSTA's also leaves out the text
+        token-embedding table (`paper_denominator` of the method class). `percent_paper` uses
+        the method's denominator, named in `paper_denominator`.
+        """
         trainable = sum(p.numel() for p in self.trainable_parameters())
         backbone = sum(p.numel() for p in self.backbone.parameters())
         extra = sum(p.numel() for p in self.method.parameters()) if self.method is not None else 0
-        return trainable, backbone + extra
+        if self.head_module is not None:
+            extra += sum(p.numel() for p in self.head_module.parameters())
+        token_table = self.backbone.text_tower.token_embedding.weight.numel()
+        denominators = {"backbone": backbone, "backbone_without_token_embedding": backbone - token_table}
+        kind = getattr(self.method, "paper_denominator", "backbone") if self.method is not None else "backbone"
+        total = backbone + extra
+        return {
+            "trainable": trainable, "total": total, "backbone": backbone,
+            "backbone_without_token_embedding": backbone - token_table,
+            "percent": 100.0 * trainable / total if total else 0.0,
+            "paper_denominator": kind,
+            "percent_paper": 100.0 * trainable / denominators[kind] if denominators[kind] else 0.0,
+        }
 
     # ----------------------------------------------------------------- encoding
     def tokenize(self, texts, max_words: Optional[int] = None) -> torch.Tensor:

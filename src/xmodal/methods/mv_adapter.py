@@ -5,8 +5,9 @@ A bottleneck after the MLP of each selected block of both towers, output scaled 
 Video branch (temporal adaptation, TA): after the down-projection d -> d', each clip's
 sequence [CC token, CLS_1..CLS_F, P_1..P_F] (P_i = frame i's mean patch token), with learned
 temporal position embeddings, goes through one light transformer block over time (2 heads).
-Frame i's CLS token is replaced by its output; its patch tokens receive the block's update of
-P_i. A calibration MLP (2d' -> d'/sigma -> d', ReLU, sigma=4) on concat(CC, CLS_i + P_i) gives a
+Frame i's CLS token is replaced by its output. Patch tokens go down -> activation -> up with
+no temporal information (paper Alg. 1 and the official code); `patch_temporal=True` keeps the
+earlier variant where every patch token also receives the block's update of P_i. A calibration MLP (2d' -> d'/sigma -> d', ReLU, sigma=4) on concat(CC, CLS_i + P_i) gives a
 per-frame alpha_i that rescales the up-projection for frame i's CLS token
 (W_up,i = diag(alpha_i) W_up, alpha = 1 + MLP(.) so calibration starts neutral); patch tokens
 use the plain up-projection. Padded frames are masked out of the temporal attention.
@@ -15,8 +16,12 @@ Text branch: the same bottleneck with a light causal transformer block (as the t
 
 Cross Modality Tying (CMT): in the tied blocks (default the last 2) one shared factor f_C
 (dim 32) per block and a modality-specific projection M_S give beta = f_C M_S, which rescales
-each modality's down-projection weights, W_down <- W_down * (1 + beta), per output channel
-(beta in R^d') or per input channel (beta in R^d_m). M_S starts at zero.
+one projection of each modality, W <- W * (1 + beta), along one of its axes (`cmt_mode`, the
+rows of the paper's Tab. 7):
+- "down_in" (default; the Tab. 7 row equal to the main results): W_down per input channel, beta in R^d_m;
+- "down_out": W_down per output channel, beta in R^d' (xmodal's earlier default);
+- "up_in": W_up per input channel, beta in R^d';  "up_out": W_up per output channel, beta in R^d_m.
+("output"/"input" of older configs read as down_out/down_in.) M_S starts at zero.
 
 Up-projections and the calibration output are zero-initialised, so training starts at the
 frozen model. Ablations: temporal = "none" | "no_calibration" | "full"; cmt on/off.
@@ -37,6 +42,10 @@ from xmodal.errors import XModalError
 from xmodal.methods.base import Method, MethodConfig, hook_block, modalities_of, register, select_layers
 
 
+CMT_MODES = ("down_in", "down_out", "up_in", "up_out")
+CMT_ALIASES = {"output": "down_out", "input": "down_in"}
+
+
 @dataclass
 class MVAdapterConfig(MethodConfig):
     method = "mv_adapter"
@@ -53,7 +62,23 @@ class MVAdapterConfig(MethodConfig):
     cmt: bool = True
     cmt_layers: object = "last:2"
     cmt_dim: int = 32
-    cmt_mode: str = "output"  # output | input (which axis of W_down beta rescales)
+    cmt_mode: str = "down_in"  # down_in | down_out | up_in | up_out (which projection and axis beta rescales)
+    #: also give patch tokens the temporal block's update of their frame (not in the paper)
+    patch_temporal: bool = False
+
+    @classmethod
+    def from_dict(cls, data, source: str = "config"):
+        data = dict(data)
+        if "patch_temporal" not in data and data.get("cmt_mode") in CMT_ALIASES:
+            # saved before patch_temporal existed (cmt_mode was "output"/"input" then): those
+            # adapters were trained with the temporal update on patch tokens; keep it
+            data["patch_temporal"] = True
+        return super().from_dict(data, source)
+
+    def __post_init__(self):
+        self.cmt_mode = CMT_ALIASES.get(self.cmt_mode, self.cmt_mode)
+        if self.cmt_mode not in CMT_MODES:
+            raise XModalError(f"mv_adapter.cmt_mode={self.cmt_mode!r}: expected one of {list(CMT_MODES)}")
 
 
 class LightBlock(nn.Module):
@@ -102,20 +127,28 @@ class MVBottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.tie: Optional[TiedScale] = None
-        self.tie_mode = "output"
+        self.tie_mode = "down_in"
+
+    def _tied(self, linear: nn.Linear, which: str, factor: Optional[torch.Tensor]) -> torch.Tensor:
+        """linear.weight, rescaled by 1 + beta along the axis `tie_mode` names if it ties `which`."""
+        w = linear.weight
+        if self.tie is None or not self.tie_mode.startswith(which):
+            return w
+        beta = self.tie(factor)
+        return w * (beta[:, None] if self.tie_mode.endswith("_out") else beta[None, :])
 
     def project_down(self, x: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
-        w = self.down.weight
-        if self.tie is not None:
-            beta = self.tie(factor)
-            w = w * (beta[:, None] if self.tie_mode == "output" else beta[None, :])
-        return F.gelu(F.linear(x, w, self.down.bias))
+        return F.gelu(F.linear(x, self._tied(self.down, "down", factor), self.down.bias))
+
+    def project_up(self, z: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(z, self._tied(self.up, "up", factor), self.up.bias)
 
 
 class VideoAdapter(MVBottleneck):
     def __init__(self, width: int, d: int, cfg: MVAdapterConfig):
         super().__init__(width, d, cfg.scale)
         self.mode = cfg.temporal
+        self.patch_temporal = cfg.patch_temporal
         if self.mode not in ("none", "no_calibration", "full"):
             raise XModalError(f"mv_adapter.temporal={cfg.temporal!r}: expected none, no_calibration or full")
         if self.mode != "none":
@@ -131,7 +164,7 @@ class VideoAdapter(MVBottleneck):
     def forward(self, x: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
         z = self.project_down(x, factor)
         if self.mode == "none":
-            return self.up(z) * self.scale
+            return self.project_up(z, factor) * self.scale
         ctx = context.visual_context()
         bf, n, d = z.shape
         f = ctx.num_frames
@@ -153,8 +186,10 @@ class VideoAdapter(MVBottleneck):
             cls_in = cls_o * alpha
         else:
             cls_in = cls_o
-        patches = z[:, 1:] + (patch_o - patch).reshape(bf, 1, d)
-        delta = torch.cat([self.up(cls_in.reshape(bf, 1, d)), self.up(patches)], dim=1)
+        patches = z[:, 1:]
+        if self.patch_temporal:
+            patches = patches + (patch_o - patch).reshape(bf, 1, d)
+        delta = torch.cat([self.project_up(cls_in.reshape(bf, 1, d), factor), self.project_up(patches, factor)], dim=1)
         return delta * self.scale
 
 
@@ -167,7 +202,7 @@ class TextAdapter(MVBottleneck):
         z = self.project_down(x, factor)
         if self.block is not None:
             z = self.block(z)
-        return self.up(z) * self.scale
+        return self.project_up(z, factor) * self.scale
 
 
 @register
@@ -177,8 +212,6 @@ class MVAdapter(Method):
 
     def __init__(self, config: MVAdapterConfig, backbone):
         super().__init__(config, backbone)
-        if config.cmt_mode not in ("output", "input"):
-            raise XModalError(f"mv_adapter.cmt_mode={config.cmt_mode!r}: expected 'output' or 'input'")
         d = config.bottleneck or (128 if backbone.width(VISION) >= 1024 else 64)
         self.mods = modalities_of(config.modalities)
         self.layer_ids = {m: select_layers(config.layers, backbone.num_layers(m)) for m in self.mods}
@@ -201,7 +234,8 @@ class MVAdapter(Method):
                 adapters = self.vision if m == VISION else self.text
                 for i in self.tied[m]:
                     adapter = adapters[str(i)]
-                    channels = d if config.cmt_mode == "output" else backbone.width(m)
+                    per_bottleneck = config.cmt_mode in ("down_out", "up_in")
+                    channels = d if per_bottleneck else backbone.width(m)
                     adapter.tie = TiedScale(config.cmt_dim, channels)
                     adapter.tie_mode = config.cmt_mode
 

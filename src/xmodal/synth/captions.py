@@ -3,7 +3,9 @@
 Three registers, on purpose: the pretraining corpus (plain attribute lists), the shifted
 image set (synonyms, relations, other sentence frames: text the pretrained model has never
 read) and the video set (ordered events joined by temporal connectives, including
-"Y after X", where the surface order is the reverse of the temporal order).
+"Y after X", where the surface order is the reverse of the temporal order). Video captions
+come plain (the pretraining words for objects) or, in the downstream world, in the
+`"target"` register: the shifted set's synonyms ("the violet disc slides left").
 Every phrasing keeps the full content, so each caption identifies its scene.
 """
 
@@ -162,28 +164,43 @@ def _join(parts: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------- video register
-def noun(thing: Thing, rng: Rng, determiner: str = "the", colour: Optional[str] = None) -> str:
-    """'the red circle', sometimes with size or texture ('the small red circle')."""
-    words = [colour or thing.colour, thing.shape]
+REGISTERS = ("plain", "target")
+
+
+def noun(thing: Thing, rng: Rng, determiner: str = "the", colour: Optional[str] = None,
+         register: str = "plain") -> str:
+    """'the red circle', sometimes with size or texture ('the small red circle').
+
+    The target register names the same attributes with the shifted set's words
+    ('the little turquoise rhombus').
+    """
+    colour = colour or thing.colour
+    if register == "target":
+        words = [_pick(rng, _COLOUR_SYNONYMS.get(colour, [colour])), _pick(rng, _SHAPE_SYNONYMS[thing.shape])]
+    else:
+        words = [colour, thing.shape]
     r = rng.random()
     if r < 0.25:
-        words.insert(0, thing.size)
+        words.insert(0, _pick(rng, _SIZE_SYNONYMS[thing.size]) if register == "target" else thing.size)
     elif r < 0.35 and thing.texture != "solid":
-        words.insert(0, thing.texture)
+        words.insert(0, _pick(rng, _TEXTURE_SHIFTED[thing.texture]) if register == "target" else thing.texture)
     core = " ".join(words)
     return with_article(core) if determiner == "a" else f"the {core}"
 
 
 def event_clause(kind: str, thing: Thing, rng: Rng, direction: Optional[str] = None,
                  colour_to: Optional[str] = None, colour_now: Optional[str] = None,
-                 where: Optional[Tuple[int, int]] = None) -> str:
+                 where: Optional[Tuple[int, int]] = None, register: str = "plain") -> str:
     """One event as a clause: 'the red circle moves left', 'a blue square appears', ...
 
     `colour_now` is the actor's colour when the event happens; `where` the cell an
-    appearing object appears in or a disappearing one leaves.
+    appearing object appears in or a disappearing one leaves; `register` is "plain" or
+    "target" (synonyms for colours, shapes, sizes, textures and positions).
     """
+    if register not in REGISTERS:
+        raise ValueError(f"register must be one of {REGISTERS}, got {register!r}")
     if kind == "move":
-        np_ = noun(thing, rng, colour=colour_now)
+        np_ = noun(thing, rng, colour=colour_now, register=register)
         if direction in ("left", "right"):
             verb = _pick(rng, [f"moves {direction}", f"slides to the {direction}", f"moves to the {direction}",
                                f"goes {direction}"])
@@ -191,20 +208,26 @@ def event_clause(kind: str, thing: Thing, rng: Rng, direction: Optional[str] = N
             verb = _pick(rng, [f"moves {direction}", f"slides {direction}", f"goes {direction}"])
         return f"{np_} {verb}"
     if kind == "appear":
-        np_ = noun(thing, rng, determiner="a", colour=colour_now)
+        np_ = noun(thing, rng, determiner="a", colour=colour_now, register=register)
         verb = _pick(rng, ["appears", "shows up", "pops up"])
         if where is not None and rng.random() < 0.4:
-            verb += " " + position_phrase(where, rng)
+            verb += " " + (_pick(rng, _POSITION_SHIFTED[CELL_NAMES[tuple(where)]]) if register == "target"
+                           else position_phrase(where, rng))
         return f"{np_} {verb}"
     if kind == "disappear":
-        return f"{noun(thing, rng, colour=colour_now)} {_pick(rng, ['disappears', 'vanishes', 'goes away'])}"
+        np_ = noun(thing, rng, colour=colour_now, register=register)
+        return f"{np_} {_pick(rng, ['disappears', 'vanishes', 'goes away'])}"
     if kind == "recolour":
+        if register == "target":
+            colour_to = _pick(rng, _COLOUR_SYNONYMS.get(colour_to, [colour_to]))
         verb = _pick(rng, [f"turns {colour_to}", f"changes colour to {colour_to}", f"becomes {colour_to}"])
-        return f"{noun(thing, rng, colour=colour_now)} {verb}"
+        return f"{noun(thing, rng, colour=colour_now, register=register)} {verb}"
     if kind == "grow":
-        return f"{noun(thing, rng, colour=colour_now)} {_pick(rng, ['grows', 'gets bigger', 'grows larger'])}"
+        np_ = noun(thing, rng, colour=colour_now, register=register)
+        return f"{np_} {_pick(rng, ['grows', 'gets bigger', 'grows larger'])}"
     if kind == "shrink":
-        return f"{noun(thing, rng, colour=colour_now)} {_pick(rng, ['shrinks', 'gets smaller', 'shrinks down'])}"
+        np_ = noun(thing, rng, colour=colour_now, register=register)
+        return f"{np_} {_pick(rng, ['shrinks', 'gets smaller', 'shrinks down'])}"
     raise ValueError(f"unknown event kind {kind!r}")
 
 

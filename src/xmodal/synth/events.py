@@ -9,18 +9,20 @@ Hard negatives are stories with the same actors and background whose difference 
 can tell: the same events in the opposite order (`swapped`), or one event played backwards
 (`time_reversed`: left <-> right, appear <-> disappear, grow <-> shrink, red->blue <->
 blue->red). A mean-pooled single-frame model sees nearly the same set of frames for both.
+
+`background` is a backdrop spec (`scenes.sample_backdrop`, drawn by `scenes.backdrop_image`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from xmodal.synth import captions as phr
 from xmodal.synth.scenes import (
-    CELL_NAMES, CELLS, COLOURS, DIRECTIONS, SHAPES, SIZES, TEXTURES, Shape, Thing, cell_centre, linear_gradient,
+    CELL_NAMES, CELLS, COLOURS, DIRECTIONS, SHAPES, SIZES, TEXTURES, Shape, Thing, backdrop_image, cell_centre,
     radius_px, render,
 )
 
@@ -58,7 +60,7 @@ class Story:
     present: Tuple[bool, ...]
     events: Tuple[Event, ...]
     jitter: Tuple[Tuple[float, float], ...]
-    background: Tuple[Tuple[float, ...], Tuple[float, ...], float]  # colour a, colour b, angle
+    background: Dict  # backdrop spec, e.g. {"kind": "gradient", "a": [r, g, b], "b": [r, g, b], "angle": 1.2}
 
     def to_dict(self) -> dict:
         return {
@@ -66,15 +68,14 @@ class Story:
             "present": list(self.present),
             "events": [e.to_dict() for e in self.events],
             "jitter": [list(j) for j in self.jitter],
-            "background": [list(self.background[0]), list(self.background[1]), self.background[2]],
+            "background": dict(self.background),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Story":
-        bg = d["background"]
         return cls(tuple(Thing.from_dict(a) for a in d["actors"]), tuple(bool(p) for p in d["present"]),
                    tuple(Event.from_dict(e) for e in d["events"]), tuple(tuple(j) for j in d["jitter"]),
-                   (tuple(bg[0]), tuple(bg[1]), float(bg[2])))
+                   dict(d["background"]))
 
 
 # -------------------------------------------------------------------------- sampling
@@ -83,21 +84,29 @@ def _shift(cell: Tuple[int, int], direction: str) -> Tuple[int, int]:
     return cell[0] + dx, cell[1] + dy
 
 
-def sample_story(rng: np.random.Generator, n_events: int = 2, n_static: Optional[int] = None) -> Story:
-    """A random valid story: distinct colours, no two actors ever share a cell."""
+def sample_story(rng: np.random.Generator, n_events: int = 2, n_static: Optional[int] = None,
+                 colours: Optional[Sequence[str]] = None, backdrop: Optional[Dict] = None) -> Story:
+    """A random valid story: distinct colours (from `colours`), no two actors ever share a cell.
+
+    `backdrop` is the scene's backdrop spec; without one a dark gradient is drawn.
+    """
     if not 1 <= n_events <= 3:
         raise ValueError(f"n_events must be 1..3, got {n_events}")
+    palette = list(colours or COLOURS)
     if n_static is None:
         n_static = int(rng.integers(0, 2))
+    if len(palette) < n_events + n_static + n_events:  # every actor and every recolour needs its own colour
+        raise ValueError(f"{len(palette)} colours cannot give {n_events + n_static} actors distinct colours")
     while True:  # rejection sampling; almost always succeeds first time
-        story = _try_sample(rng, n_events, n_static)
+        story = _try_sample(rng, n_events, n_static, palette, backdrop)
         if story is not None:
             return story
 
 
-def _try_sample(rng: np.random.Generator, n_events: int, n_static: int) -> Optional[Story]:
+def _try_sample(rng: np.random.Generator, n_events: int, n_static: int, palette: List[str],
+                backdrop: Optional[Dict]) -> Optional[Story]:
     n = n_events + n_static
-    colours = list(rng.permutation(list(COLOURS)))
+    colours = list(rng.permutation(palette))
     kinds = [EVENT_KINDS[int(i)] for i in rng.integers(len(EVENT_KINDS), size=n_events)]
     occupied: set = set()
     actors, present, events = [], [], []
@@ -136,9 +145,11 @@ def _try_sample(rng: np.random.Generator, n_events: int, n_static: int) -> Optio
     present = tuple(present[int(o)] for o in order)
     events = tuple(replace(e, actor=remap[e.actor]) for e in events)
     jitter = tuple((float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))) for _ in range(n))
-    a, b = rng.uniform(0, 55, size=3), rng.uniform(0, 55, size=3)
-    background = (tuple(float(v) for v in a), tuple(float(v) for v in b), float(rng.uniform(0, 2 * np.pi)))
-    return Story(actors, present, events, jitter, background)
+    if backdrop is None:
+        a, b = rng.uniform(0, 55, size=3), rng.uniform(0, 55, size=3)
+        backdrop = {"kind": "dark-gradient", "a": [float(v) for v in a], "b": [float(v) for v in b],
+                    "angle": float(rng.uniform(0, 2 * np.pi))}
+    return Story(actors, present, events, jitter, dict(backdrop))
 
 
 # --------------------------------------------------------------------- hard negatives
@@ -222,8 +233,7 @@ def duration(story: Story, seconds_per_event: float) -> float:
 
 def render_clip(story: Story, fps: float, seconds_per_event: float, image_size: int) -> np.ndarray:
     """All frames of a story, uint8 (T, H, W, 3), frame i at time i / fps."""
-    a, b, angle = story.background
-    background = linear_gradient(image_size, a, b, angle)
+    background = backdrop_image(story.background, image_size)
     n = int(round(duration(story, seconds_per_event) * fps))
     frames = np.empty((n, image_size, image_size, 3), np.uint8)
     for i in range(n):
@@ -238,31 +248,35 @@ def _colour_before(story: Story, k: int) -> str:
     return story.actors[story.events[k].actor].colour
 
 
-def clauses(story: Story, rng: np.random.Generator) -> List[str]:
-    """One clause per event, in temporal order."""
+def clauses(story: Story, rng: np.random.Generator, register: str = "plain") -> List[str]:
+    """One clause per event, in temporal order (`register`: see `captions.event_clause`)."""
     out = []
     for k, e in enumerate(story.events):
         a = story.actors[e.actor]
         where = _shift(a.cell, e.direction) if e.kind == "move" else a.cell
         out.append(phr.event_clause(e.kind, a, rng, direction=e.direction, colour_to=e.colour,
-                                    colour_now=_colour_before(story, k), where=where))
+                                    colour_now=_colour_before(story, k), where=where, register=register))
     return out
 
 
-def story_captions(story: Story, rng: np.random.Generator, k: int) -> List[str]:
+def story_captions(story: Story, rng: np.random.Generator, k: int, register: str = "plain") -> List[str]:
     """`k` distinct captions (fewer only if the phrasings run out)."""
     out: List[str] = []
     for _ in range(20 * k):
         if len(out) == k:
             break
-        c = phr.join_events(clauses(story, rng), rng)
+        c = phr.join_events(clauses(story, rng, register), rng)
         if c not in out:
             out.append(c)
     return out
 
 
-def story_descriptions(story: Story, seconds_per_event: float) -> List[str]:
-    """A fuller account for consistency losses: start state, each event with its time and path, end state."""
+def story_descriptions(story: Story, seconds_per_event: float) -> Dict[str, List[str]]:
+    """A fuller account for consistency losses (MSTA), by kind.
+
+    `spatial`: what the scene holds at the start and at the end; `temporal`: each event with
+    its time and path, in order. Canonical wording (an annotator's detailed account).
+    """
     rng = np.random.default_rng(0)  # descriptions use the canonical phrasing only
 
     def scene(visible: Sequence[Tuple[Thing, str]]) -> str:
@@ -299,8 +313,7 @@ def story_descriptions(story: Story, seconds_per_event: float) -> List[str]:
             lines.append(f"{when} the {name} {'grows' if e.kind == 'grow' else 'shrinks'} from {a.size} to {new}")
             end_state[e.actor] = (replace(a, size=new), colour, True)
     end = [(a, c) for a, c, p in end_state.values() if p]
-    lines.append(f"at the end: {scene(end)}")
-    return lines
+    return {"spatial": [lines[0], f"at the end: {scene(end)}"], "temporal": lines[1:]}
 
 
 def _cell_word(cell: Tuple[int, int]) -> str:

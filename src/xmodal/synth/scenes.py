@@ -227,3 +227,36 @@ def contrast_ok(colour: str, background: np.ndarray, min_distance: float = 90.0)
     """Whether an object colour stands out from a background's mean colour."""
     mean = background.reshape(-1, 3).mean(axis=0)
     return float(np.linalg.norm(np.asarray(COLOURS[colour], np.float32) - mean)) >= min_distance
+
+
+# --------------------------------------------------- target-domain backdrops (as specs)
+#: the video world's scenes: bright, textured or graded backdrops (pretraining: plain and dark)
+BACKDROP_KINDS: Tuple[str, ...] = ("gradient", "noise", "light")
+
+
+def sample_backdrop(rng: np.random.Generator) -> dict:
+    """A backdrop as a small JSON-able spec (kept in the clip's meta; `backdrop_image` draws it)."""
+    kind = BACKDROP_KINDS[int(rng.integers(len(BACKDROP_KINDS)))]
+    if kind == "gradient":
+        return {"kind": kind, "a": [float(v) for v in rng.uniform(40, 200, size=3)],
+                "b": [float(v) for v in rng.uniform(40, 200, size=3)], "angle": float(rng.uniform(0, 2 * np.pi))}
+    if kind == "noise":
+        return {"kind": kind, "base": [float(v) for v in rng.uniform(50, 150, size=3)], "seed": int(rng.integers(2**31))}
+    return {"kind": kind, "rgb": [float(v) for v in rng.uniform(150, 215, size=3)]}
+
+
+def backdrop_image(spec: dict, size: int) -> np.ndarray:
+    """(size, size, 3) float32 image of a backdrop spec (a pure function of the spec)."""
+    kind = spec["kind"]
+    if kind == "gradient":
+        return linear_gradient(size, spec["a"], spec["b"], spec["angle"])
+    if kind == "noise":
+        rng = np.random.default_rng(int(spec["seed"]))
+        noise = rng.normal(0, 22, size=(max(size // 2, 1), max(size // 2, 1), 1)).astype(np.float32)
+        noise = np.repeat(np.repeat(noise, 2, axis=0), 2, axis=1)[:size, :size]
+        return np.clip(np.asarray(spec["base"], np.float32) + noise, 0, 255).astype(np.float32)
+    if kind == "light":
+        return plain_background(size, spec["rgb"])
+    if kind == "dark-gradient":  # the look of generator version 1's video set
+        return linear_gradient(size, spec["a"], spec["b"], spec["angle"])
+    raise ValueError(f"unknown backdrop kind {kind!r}; expected one of {BACKDROP_KINDS}")

@@ -3,8 +3,10 @@
 Three sets:
 - `write_image_corpus`: the pretraining image-caption corpus (1-3 objects on plain dark
   backgrounds, attribute captions). Held-out scenes never occur in training.
-- `write_video_set`: video-text retrieval that needs temporal modelling (ordered events and
-  hard-negative groups that differ only in time), train/test.
+- `write_video_set`: the downstream video-text world, shifted from pretraining in look
+  (bright/graded/noisy backdrops filmed by an imperfect camera: colour cast, blur, sensor
+  noise) and in wording (synonyms); a main test split of distinct stories and a separate
+  order subset (`test_order`) of hard-negative groups that differ only in event order.
 - `write_shifted_images`: image-text retrieval under shift (new backgrounds, synonyms and
   sentence frames, several captions per image), train/test.
 
@@ -13,6 +15,10 @@ function of its arguments. Layout of an output folder:
 `train.jsonl`, `test.jsonl` (`{"id", "image"|"video", "captions", ["descriptions"]}`, media
 paths relative to the folder), `meta/{split}.jsonl` (the structured scene or story behind each
 item, for tests and analysis) and `synth.json` (parameters, counts, timing).
+
+MP4 files are bit-reproducible (generator version 1's were not: ~3 % of clips differed
+between runs): RGB -> YUV 4:2:0 is done here in numpy, and x264 runs on one thread with a
+constant quantiser instead of crf (see `X264_QP`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -28,40 +33,23 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from xmodal.atomic import atomic_write_bytes, atomic_write_text
 from xmodal.errors import XModalError
 from xmodal.synth import captions as phr
 from xmodal.synth import events as ev
+from xmodal.synth.camera import film, sample_camera
 from xmodal.synth.scenes import (
-    CELLS, COLOURS, SHAPES, SHIFTED_BACKGROUNDS, SIZES, TEXTURES, Thing, contrast_ok, dark_background, render,
+    CELLS, COLOURS, SHAPES, SHIFTED_BACKGROUNDS, SIZES, TEXTURES, Thing, backdrop_image, contrast_ok,
+    dark_background, render, sample_backdrop,
 )
 
-GENERATOR_VERSION = 1
+#: per set: bumped whenever the same arguments would write different files
+GENERATOR_VERSIONS = {"images": 1, "videos": 2, "shifted-images": 1}
 _SET_CODES = {"images": 1, "videos": 2, "shifted-images": 3}
-_SPLIT_CODES = {"train": 0, "test": 1}
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_SPLIT_CODES = {"train": 0, "test": 1, "test_order": 2}
 
 
 # ------------------------------------------------------------------------ file output
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -87,23 +75,60 @@ def available_video_codec(preferred: str = "auto") -> str:
     raise XModalError(f"video codec {preferred!r} is not available in the installed PyAV; expected libx264 or mpeg4")
 
 
+def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, 3) RGB -> uint8 (T, H * 3 // 2, W) planar YUV 4:2:0 (BT.601, limited range).
+
+    The matrix decoders assume for untagged H.264; chroma is the mean of each 2x2 block.
+    Pure numpy in float64, so the same frames always give the same bytes.
+    """
+    t, h, w, _ = frames.shape
+    if h % 4 or w % 2:
+        raise XModalError(f"video frames of {w}x{h}: expected a width divisible by 2 and a height by 4 "
+                          "(YUV 4:2:0 planes)")
+    f = frames.astype(np.float64)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+
+    def half(c: np.ndarray) -> np.ndarray:
+        return c.reshape(t, h // 2, 2, w // 2, 2).mean(axis=(2, 4)).reshape(t, h // 4, w)
+
+    planes = np.concatenate([y, half(cb), half(cr)], axis=1)
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
+
+
+#: x264 constant quantiser. Not crf: crf's macroblock-tree rate control made the same frames
+#: encode differently from run to run (1 in 4-10 encodes of a noisy clip; pixels off by up to 8
+#: levels), because one of x264's assembly routines reads memory whose contents vary; with a
+#: constant quantiser (or asm=0, 3x slower) the output is bit-identical. qp 10 is near-lossless.
+X264_QP = 10
+
+
 def mp4_bytes(frames: np.ndarray, fps: float, codec: str = "libx264") -> bytes:
-    """Encode uint8 (T, H, W, 3) RGB frames as an MP4 (yuv420p, near-lossless, one thread: deterministic)."""
+    """Encode uint8 (T, H, W, 3) RGB frames as an MP4 (yuv420p, near-lossless), bit-reproducibly.
+
+    Our own colour conversion (`rgb_to_yuv420p`, no swscale), one encoder thread and a
+    constant quantiser (`X264_QP`): the bytes depend on the frames only.
+    """
     import av
     from fractions import Fraction
 
+    yuv = rgb_to_yuv420p(frames)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "12", "preset": "medium"}
+            stream.options = {"qp": str(X264_QP), "preset": "medium",
+                              "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
         else:
             stream.options = {"qmin": "1", "qmax": "3"}  # mpeg4 ignores "qscale" through PyAV
         stream.codec_context.thread_count = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        stream.codec_context.thread_type = "NONE"
+        for plane in yuv:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(plane, format="yuv420p")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -111,19 +136,22 @@ def mp4_bytes(frames: np.ndarray, fps: float, codec: str = "libx264") -> bytes:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from xmodal.progress import progress
 
-    return tqdm(total=total, desc=desc, unit="item", disable=not enabled, dynamic_ncols=True)
+    return progress(total, desc=desc, unit="item", enabled=enabled)
 
 
 def _rng(seed: int, kind: str, split: str, *index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), _SET_CODES[kind], _SPLIT_CODES[split], *index])
 
 
-def _check_sizes(n: int, n_test: int, what: str) -> int:
+def _check_sizes(n: int, n_test: int, what: str, n_order: int = 0) -> int:
     if n_test < 1 or n_test >= n:
         raise XModalError(f"--split-test={n_test}: expected 1 <= split-test < --n ({n}) for {what}")
-    return n - n_test
+    if n_order < 0 or n_test + n_order >= n:
+        raise XModalError(f"--split-order={n_order}: expected 0 <= split-order < --n - --split-test "
+                          f"({n - n_test}) for {what}")
+    return n - n_test - n_order
 
 
 # -------------------------------------------------------------------------- scenes
@@ -212,51 +240,73 @@ def write_image_corpus(out: str | os.PathLike, n: int = 20000, n_test: int = 100
 
 
 # -------------------------------------------------------------------------- video set
-def write_video_set(out: str | os.PathLike, n: int = 800, n_test: int = 200, seed: int = 0, image_size: int = 64,
-                    fps: float = 4.0, seconds_per_event: float = 4.0, events: int = 2, group_size: int = 4,
-                    captions_train: int = 3, captions_test: int = 1, codec: str = "auto",
-                    progress: bool = True, command: Optional[str] = None) -> Dict:
-    """Video-text retrieval where order matters: `n` clips (`n_test` in test.jsonl).
+def _target_look(rng: np.random.Generator, events: int, image_size: int):
+    """A backdrop, the object colours that stand out on it, and the clip's camera."""
+    while True:
+        backdrop = sample_backdrop(rng)
+        visible = [c for c in COLOURS if contrast_ok(c, backdrop_image(backdrop, image_size))]
+        if len(visible) >= 2 * events + 1:  # every actor and every recolour gets its own colour
+            return backdrop, visible, sample_camera(rng)
 
-    Clips come in groups of up to `group_size` hard negatives (same actors and background;
-    events swapped in order and/or one event played backwards); a group never straddles
-    the split. Each clip lasts `events * seconds_per_event` seconds at `fps`.
+
+def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, seed: int = 0, image_size: int = 64,
+                    fps: float = 4.0, seconds_per_event: float = 4.0, events: int = 2, group_size: int = 4,
+                    captions_train: int = 3, captions_test: int = 1, codec: str = "auto", n_order: int = 0,
+                    progress: bool = True, command: Optional[str] = None) -> Dict:
+    """The downstream video-text world: `n` clips, `n_test` in test.jsonl, `n_order` in test_order.jsonl.
+
+    Every clip is filmed in the target look (`_target_look`) and captioned in the target
+    register. `test` holds distinct stories, as a retrieval benchmark does; `test_order`
+    holds groups of up to `group_size` hard negatives (same actors, backdrop and camera;
+    events swapped in order and/or one event played backwards) that only time tells apart.
+    Training mixes both kinds in the test's proportion; a group never straddles a split.
+    Each clip lasts `events * seconds_per_event` seconds at `fps`.
     """
-    n_train = _check_sizes(n, n_test, "videos")
+    n_train = _check_sizes(n, n_test, "videos", n_order)
     if not 1 <= events <= 3:
         raise XModalError(f"--events={events}: expected 1, 2 or 3 events per clip")
     if group_size < 1:
         raise XModalError(f"--group-size={group_size}: expected >= 1")
     if fps <= 0 or seconds_per_event < 1.0:
         raise XModalError(f"--fps={fps}, --seconds-per-event={seconds_per_event}: expected fps > 0 and >= 1 s per event")
+    if image_size % 4:
+        raise XModalError(f"--image-size={image_size}: expected a multiple of 4 (YUV 4:2:0 video)")
     codec = available_video_codec(codec)
     out = Path(out)
     t0 = time.time()
     bar = _progress(n, "synth videos", progress)
+    grouped_share = n_order / (n_test + n_order)
 
     def items(split: str, count: int, n_caps: int) -> Iterator[Tuple[dict, dict]]:
         made, g = 0, 0
         while made < count:
             rng = _rng(seed, "videos", split, g)
-            base = ev.sample_story(rng, n_events=events)
-            for v, (variant, story) in enumerate(ev.variants(base, group_size, rng)):
+            backdrop, visible, camera = _target_look(rng, events, image_size)
+            base = ev.sample_story(rng, n_events=events, colours=visible, backdrop=backdrop)
+            grouped = split == "test_order" or (split == "train" and rng.random() < grouped_share)
+            for v, (variant, story) in enumerate(ev.variants(base, group_size if grouped else 1, rng)):
                 if made == count:
                     break
                 item_id = f"{split}-{g:05d}-{v}"
                 rel = f"videos/{split}/{item_id}.mp4"
-                frames = ev.render_clip(story, fps, seconds_per_event, image_size)
+                frames = film(ev.render_clip(story, fps, seconds_per_event, image_size), camera)
                 atomic_write_bytes(out / rel, mp4_bytes(frames, fps, codec))
-                row = {"id": item_id, "video": rel, "captions": ev.story_captions(story, rng, n_caps),
+                row = {"id": item_id, "video": rel,
+                       "captions": ev.story_captions(story, rng, n_caps, register="target"),
                        "descriptions": ev.story_descriptions(story, seconds_per_event)}
                 meta = {"id": item_id, "group": g, "variant": variant, "story": story.to_dict(),
-                        "fps": fps, "seconds_per_event": seconds_per_event, "frames": int(frames.shape[0])}
+                        "camera": camera.to_dict(), "fps": fps, "seconds_per_event": seconds_per_event,
+                        "frames": int(frames.shape[0])}
                 made += 1
                 bar.update(1)
                 yield row, meta
             g += 1
 
     splits = {}
-    for split, count, caps in (("test", n_test, captions_test), ("train", n_train, captions_train)):
+    for split, count, caps in (("test", n_test, captions_test), ("test_order", n_order, captions_test),
+                               ("train", n_train, captions_train)):
+        if count == 0:
+            continue
         rows, meta = zip(*items(split, count, caps))
         splits[split] = (list(rows), list(meta))
     bar.close()
@@ -311,7 +361,7 @@ def _finish(out: Path, kind: str, splits: Dict[str, Tuple[List[dict], List[dict]
         write_jsonl(out / f"{split}.jsonl", rows)
     summary = {
         "kind": kind,
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": GENERATOR_VERSIONS[kind],
         **params,
         "counts": {split: len(rows) for split, (rows, _) in splits.items()},
         "captions": {split: sum(len(r["captions"]) for r in rows) for split, (rows, _) in splits.items()},

@@ -1,15 +1,22 @@
 """Helpers shared by the annotation readers: locating files, parsing with errors that name
 the file and place, finding media files, and assembling the `DatasetSpec`.
+
+Text files are read as UTF-8 with an optional byte-order mark. JSON objects with a repeated
+key are an error (the json module would silently keep the last value), and so are two
+items of one split that point at the same media file and segment.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import numbers
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from xmodal.data.items import DatasetSpec, Item
+from xmodal.data.items import DatasetSpec, Item, missing_paths
 from xmodal.errors import DataError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".3g2", ".mts", ".flv")
@@ -54,34 +61,95 @@ def find_annotation(dataset: str, split: str, names: Sequence[str], dirs: Sequen
     raise DataError(f"{dataset} {split}: none of [{tried}] found in {where} (use --annotations DIR)")
 
 
-def load_json(path: Path) -> Any:
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def read_text(path) -> str:
+    """The file as text: UTF-8, a leading byte-order mark dropped."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from None
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_json(text: str, path, where: str = "") -> Any:
+    """json.loads with errors naming the file (and `where`, e.g. 'line 3') and no repeated keys."""
+    prefix = f"{path}: {where}: " if where else f"{path}: "
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as exc:
+        raise DataError(f"{prefix}key {exc.args[0]!r} appears twice in one object; expected each key once") from None
+    except json.JSONDecodeError as exc:
+        if where:
+            raise DataError(f"{prefix}invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{prefix}line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from None
+
+
+def load_json(path: Path) -> Any:
+    return parse_json(read_text(path), path)
+
+
+def json_lines(path: Path) -> List[Tuple[int, Any]]:
+    """(line number, record) of every non-blank line of a JSONL file."""
+    return [(n, parse_json(line, path, f"line {n}"))
+            for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
 
 
 def read_lines(path: Path) -> List[str]:
-    """Non-empty stripped lines (tolerates a missing final newline and CRLF)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """Non-empty stripped lines (tolerates a missing final newline, CRLF and a BOM)."""
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
+
+
+def check_keys(record: Dict[str, Any], allowed: Sequence[str], path, where: str) -> None:
+    """Unknown keys are an error naming the key, the allowed ones and the closest match.
+
+    A typo in an optional key ("strat") would otherwise be ignored and change what is read.
+    """
+    for key in record:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{path}: {where}: unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}")
+
+
+def is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def as_seconds(value: Any, path, where: str) -> float:
+    """A finite number of seconds >= 0 (JSON lets NaN and Infinity through)."""
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        raise fail(path, where, "a finite number of seconds >= 0", value)
+    return float(value)
+
+
+def check_segment(start: Optional[float], end: Optional[float], path, where: str) -> None:
+    """start < end when both are given (values already checked by `as_seconds`)."""
+    if start is not None and end is not None and not start < end:
+        raise fail(path, f"{where} field 'end'", f"a time after start={start:g}", end)
 
 
 def read_id_list(path: Path) -> List[str]:
-    """A split list: one id per line, duplicates are an error."""
-    ids = read_lines(path)
-    seen = set()
-    for n, vid in enumerate(ids, 1):
-        if vid in seen:
-            raise fail(path, f"line {n}", "each id once", vid)
-        seen.add(vid)
-    return ids
+    """A split list: one id per line (blank lines skipped), duplicates are an error naming both lines."""
+    ids: Dict[str, int] = {}
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        vid = line.strip()
+        if not vid:
+            continue
+        if vid in ids:
+            raise fail(path, f"line {n}", f"each id once (also on line {ids[vid]})", vid)
+        ids[vid] = n
+    return list(ids)
 
 
 def as_text(value: Any, path, where: str) -> str:
@@ -171,13 +239,24 @@ def check_split(dataset: str, split: str, splits: Sequence[str]) -> None:
 
 
 def finish(name: str, split: str, items: List[Item], root, sources: Sequence[Path], **fields) -> DatasetSpec:
-    """Check ids are unique, count missing media and build the DatasetSpec."""
+    """Check ids and media are unique, count missing media and build the DatasetSpec.
+
+    Two items with the same media file and segment would be one video counted twice in a
+    gallery (e.g. `a.mp4` and `./a.mp4`); readers merge what their format legitimately
+    repeats before this point, so here it is an error naming both ids.
+    """
     seen = set()
+    media: Dict[tuple, str] = {}
     for item in items:
         if item.id in seen:
             raise DataError(f"{name} {split}: item id {item.id!r} occurs twice in {', '.join(map(str, sources))}")
         seen.add(item.id)
-    missing = sum(1 for item in items if not os.path.exists(item.media))
+        key = (os.path.normpath(item.media), item.start, item.end)
+        if key in media:
+            raise DataError(f"{name} {split}: items {media[key]!r} and {item.id!r} of {', '.join(map(str, sources))} "
+                            f"are the same media file {item.media}; expected each video/image once per split")
+        media[key] = item.id
+    missing = len(missing_paths(items))
     return DatasetSpec(
         name=name,
         split=split,

@@ -11,12 +11,15 @@ Two published forms are read:
 All descriptions of a video become one paragraph. `order="time"` (default) sorts them by
 the moment most annotators chose (ties keep annotation order), which reproduces the
 published paragraph file exactly; `order="annotation"` keeps file order (CLIP4Clip).
-A video stored under two extensions (x.mov and x.mp4) is one item, keyed by its stem.
+A video stored under two extensions (x.mov and x.mp4) is one item, keyed by its stem, in
+the moment form (which lists a video once per description); in the paragraph form, two
+keys for one video are an error. Segment indices must satisfy 0 <= start <= end <= 5.
 Items cover the annotated first 30 s; the protocol samples up to 64 frames.
 """
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 from typing import Dict
 
@@ -40,6 +43,7 @@ NAME = "didemo"
 SPLITS = ("train", "val", "test")
 ORDERS = ("time", "annotation")
 ANNOTATED_SECONDS = 30.0
+NUM_SEGMENTS = 6  # 5-second segments of the annotated first 30 s
 
 
 def _moment(times, path, where):
@@ -48,8 +52,9 @@ def _moment(times, path, where):
         raise fail(path, where, "a non-empty list of [start, end] segment indices", times)
     counts: Dict[tuple, int] = {}
     for i, t in enumerate(times):
-        if not (isinstance(t, list) and len(t) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in t)):
-            raise fail(path, f"{where}[{i}]", "[start, end] integer segment indices", t)
+        if not (isinstance(t, list) and len(t) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in t)
+                and 0 <= t[0] <= t[1] < NUM_SEGMENTS):
+            raise fail(path, f"{where}[{i}]", f"[start, end] segment indices with 0 <= start <= end <= {NUM_SEGMENTS - 1}", t)
         counts[tuple(t)] = counts.get(tuple(t), 0) + 1
     best = max(counts.values())
     return next(t for t, c in counts.items() if c == best)
@@ -63,7 +68,7 @@ def _read_moments(path: Path, data, order: str):
         where = f"[{i}]"
         if not isinstance(ann, dict):
             raise fail(path, where, "an object with video, description and times", ann)
-        filename = as_text(ann.get("video"), path, f"{where}.video")
+        filename = posixpath.normpath(as_text(ann.get("video"), path, f"{where}.video"))  # ./a.mov is a.mov
         text = as_text(ann.get("description"), path, f"{where}.description")
         moment = _moment(ann.get("times"), path, f"{where}.times")
         entry = videos.setdefault(split_stem(filename), {"files": [], "moments": []})
@@ -81,11 +86,16 @@ def _read_paragraphs(path: Path, data):
     if not isinstance(data, dict):
         raise fail(path, "top level", "an object of video id -> {caption, ...}", type(data).__name__)
     out = {}
+    keys: Dict[str, str] = {}
     for vid, entry in data.items():
         if not isinstance(entry, dict):
             raise fail(path, f"key {vid!r}", "an object with a caption", entry)
-        stem = split_stem(vid)
-        out[stem] = (as_text(entry.get("caption"), path, f"key {vid!r}.caption"), [vid] if stem != vid else [])
+        name = posixpath.normpath(vid)
+        stem = split_stem(name)
+        if stem in keys:
+            raise fail(path, f"key {vid!r}", f"one entry per video (key {keys[stem]!r} is the same video)", vid)
+        keys[stem] = vid
+        out[stem] = (as_text(entry.get("caption"), path, f"key {vid!r}.caption"), [name] if stem != name else [])
     return out
 
 

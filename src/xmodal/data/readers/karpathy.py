@@ -12,13 +12,16 @@ Two published forms:
 Evaluation keeps the first `max_captions` (5) captions per image, the standard 5k/1k
 protocol (a few COCO images have 6 or 7); `max_captions=0` keeps all. Image paths from
 the line form are looked up under the media directory with their leading folders, then
-with fewer of them, so a flat folder of images works too.
+with fewer of them, so a flat folder of images works too. Paths are normalised
+(`./val2014/a.jpg` is `val2014/a.jpg`); line files with one caption string per record list
+an image once per caption, so its records are merged; a repeated image in a file of
+caption lists, or in the Karpathy JSON, is an error naming both records.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional
 
@@ -32,6 +35,7 @@ from xmodal.data.readers._common import (
     fail,
     find_annotation,
     finish,
+    json_lines,
     load_json,
     split_stem,
 )
@@ -79,6 +83,7 @@ def _read_karpathy(path: Path, data, split: str, prefix_dirs: _PrefixDirs, finde
         raise fail(path, "top level", 'an object with an "images" list', type(data).__name__)
     wanted = KARPATHY_SPLITS[split]
     items = []
+    seen: Dict[str, int] = {}
     for i, img in enumerate(images):
         where = f"images[{i}]"
         if not isinstance(img, dict):
@@ -97,6 +102,9 @@ def _read_karpathy(path: Path, data, split: str, prefix_dirs: _PrefixDirs, finde
             if not isinstance(sent, dict):
                 raise fail(path, f"{where}.sentences[{j}]", "an object with raw", sent)
             captions.append(as_text(sent.get("raw"), path, f"{where}.sentences[{j}].raw"))
+        if filename in seen:
+            raise fail(path, f"{where}.filename", f"each image once (also images[{seen[filename]}])", filename)
+        seen[filename] = i
         filepath = img.get("filepath")
         rel = PurePosixPath(filepath) / filename if isinstance(filepath, str) and filepath else PurePosixPath(filename)
         media = finder.find(filenames=[filename], dirs=prefix_dirs(rel))
@@ -110,20 +118,15 @@ def _line_records(path: Path, data=None):
         if not isinstance(data, list):
             raise fail(path, "top level", "a list of {image, caption}", type(data).__name__)
         return [(f"[{i}]", rec) for i, rec in enumerate(data)]
-    records = []
-    with open(path, "r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    return records
+    return [(f"line {n}", rec) for n, rec in json_lines(path)]
 
 
 def _read_lines(path: Path, data, prefix_dirs: _PrefixDirs, finder: MediaFinder) -> List[Item]:
-    items = []
+    """One item per image. Files with one caption string per record (one record per caption)
+    list an image on several records: their captions are merged. An image repeated in a
+    file of caption lists is an error naming both records."""
+    items: Dict[str, Item] = {}
+    first: Dict[str, tuple] = {}  # normalised image path -> (where, caption given as a string)
     for where, rec in _line_records(path, data):
         if not isinstance(rec, dict):
             raise fail(path, where, 'an object with "image" and "caption"', rec)
@@ -135,10 +138,18 @@ def _read_lines(path: Path, data, prefix_dirs: _PrefixDirs, finder: MediaFinder)
             captions = [as_text(c, path, f"{where} field 'caption'[{k}]") for k, c in enumerate(caption)]
         else:
             raise fail(path, f"{where} field 'caption'", "a caption string or a non-empty list of them", caption)
-        rel = PurePosixPath(image.replace("\\", "/"))
+        rel = PurePosixPath(posixpath.normpath(image.replace("\\", "/")))
+        key = str(rel)
+        if key in items:
+            was, single = first[key]
+            if not (single and isinstance(caption, str)):
+                raise fail(path, where, f"each image once (also {was}; give all its captions in one record)", image)
+            items[key].captions.extend(captions)
+            continue
+        first[key] = (where, isinstance(caption, str))
         media = finder.find(filenames=[rel.name], dirs=prefix_dirs(rel))
-        items.append(Item(id=split_stem(rel.name), media=media, kind="image", captions=captions))
-    return items
+        items[key] = Item(id=split_stem(rel.name), media=media, kind="image", captions=captions)
+    return list(items.values())
 
 
 def read(name: str, root, split: str = "test", *, annotations=None, annotation_file=None, media_dir=None,

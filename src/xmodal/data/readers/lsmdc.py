@@ -6,7 +6,8 @@ e.g. `0001_American_Beauty_00.00.51.926-00.00.54.129 \\t 00.00.51.926 \\t ...`.
 Files: `LSMDC16_annos_training.csv` (train), `LSMDC16_annos_val.csv` (val),
 `LSMDC16_challenge_1000_publictect.csv` (the 1000-clip test set). A clip id may repeat
 in the training file; its sentences become the captions of one item. Clips are already
-cut from the movies, so items play whole; the times are only validated. Video files are
+cut from the movies, so items play whole; the times are only validated (format, and
+each end after its start). Video files are
 `<movie>/<clip_id>.avi` (movie = clip id without its time range) or `<clip_id>.avi`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from xmodal.data.items import DatasetSpec, Item
 from xmodal.data.readers._common import (
@@ -25,8 +26,8 @@ from xmodal.data.readers._common import (
     find_annotation,
     finish,
     media_dirs,
+    read_text,
 )
-from xmodal.errors import DataError
 
 NAME = "lsmdc"
 SPLITS = ("train", "val", "test")
@@ -44,14 +45,19 @@ def movie_of(clip_id: str) -> str:
     return head if sep else clip_id
 
 
+def seconds(t: str) -> Optional[float]:
+    """'00.01.02.410' (hh.mm.ss.mmm) or plain seconds ('62.41') -> seconds; None if ambiguous."""
+    parts = t.split(".")
+    if len(parts) == 4:
+        h, m, s, ms = (int(x) for x in parts)
+        return h * 3600 + m * 60 + s + int(ms) / 10 ** len(parts[3])
+    return float(t) if len(parts) <= 2 else None
+
+
 def read_annotations(path: Path) -> Dict[str, List[str]]:
-    """clip id -> sentences, in file order."""
+    """clip id -> sentences, in file order (a clip id on several lines: one item, all sentences)."""
     clips: Dict[str, List[str]] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue
@@ -64,6 +70,10 @@ def read_annotations(path: Path) -> Dict[str, List[str]]:
         for k, t in enumerate(times, 2):
             if not _TIME.match(t):
                 raise fail(path, f"line {n} field {k}", "a time like 00.00.51.926", t)
+        for k in (0, 2):  # (aligned start, end), (extracted start, end)
+            start, end = seconds(times[k]), seconds(times[k + 1])
+            if start is not None and end is not None and not start < end:
+                raise fail(path, f"line {n} field {k + 3}", f"an end time after the start {times[k]}", times[k + 1])
         if not sentence:
             raise fail(path, f"line {n} field 6", "a non-empty sentence", fields[5])
         clips.setdefault(clip_id, []).append(sentence)

@@ -6,6 +6,10 @@
 - `MSRVTT_JSFUSION_test.csv`: the 1k-A test split, `key,vid_key,video_id,sentence`, one
   caption per video (also accepted: its JSON-list form `test_1kA_fdvs.json`).
 
+CSV files may start with a UTF-8 BOM; a row running over several lines (an unbalanced
+quote), a row with more fields than the header (an unquoted comma) and a repeated video id
+are errors naming the file and the line(s).
+
 Training items keep all captions of a video; `TrainDataset` draws one per epoch, as
 CLIP4Clip does. Splits: `train` (= `train_9k`), `train_7k`, `test` (1k-A), `val` and
 `test_full` (the official validate/test videos of MSRVTT_data.json, all captions).
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from xmodal.data.items import DatasetSpec, Item
 from xmodal.data.readers._common import (
@@ -40,22 +44,55 @@ TEST_JSON = "test_1kA_fdvs.json"
 OFFICIAL_SPLIT = {"val": "validate", "test_full": "test"}
 
 
-def read_csv_rows(path: Path, required: List[str]) -> List[Dict[str, str]]:
-    """Rows of a comma-separated file with a header; `required` columns must be present and non-empty."""
+def read_csv_rows(path: Path, required: List[str]) -> List[Tuple[int, Dict[str, str]]]:
+    """(line number, row) of a comma-separated file with a header (a UTF-8 BOM is accepted).
+
+    `required` columns must be present and non-empty. A row that spans several lines (an
+    unbalanced quote swallowing the rows after it) or has more fields than the header
+    (an unquoted comma cutting a caption) is an error naming the file and the line.
+    """
     rows = []
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise fail(path, "line 1 (header)", f"columns {required}", header)
-        for row in reader:
-            for col in required:
-                value = row.get(col)
-                if value is None or not value.strip():
-                    raise fail(path, f"line {reader.line_num} column {col!r}", "a non-empty value", value)
-            rows.append({k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()})
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise fail(path, "line 1 (header)", f"columns {required}", header)
+            last = reader.line_num
+            for row in reader:
+                breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+                # the row's first line (blank lines are skipped; a quote left open at the end
+                # of the file also swallows the final newline)
+                n = max(last + 1, reader.line_num - breaks)
+                last = reader.line_num
+                if breaks:
+                    raise DataError(f"{path}: line {n}: a quoted field runs over lines {n}-{reader.line_num} "
+                                    f"(unbalanced quote?); expected one row per line")
+                if None in row:
+                    raise fail(path, f"line {n}", f"{len(header)} comma-separated fields (quote a caption that "
+                               f"contains a comma)", f"{len(header) + len(row[None])} fields")
+                for col in required:
+                    value = row.get(col)
+                    if value is None or not value.strip():
+                        raise fail(path, f"line {n} column {col!r}", "a non-empty value", value)
+                rows.append((n, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     return rows
+
+
+def read_video_ids(path: Path) -> List[str]:
+    """The `video_id` column of a train-split CSV; a repeated id is an error naming both lines."""
+    first: Dict[str, int] = {}
+    for n, row in read_csv_rows(path, ["video_id"]):
+        vid = row["video_id"]
+        if vid in first:
+            raise fail(path, f"line {n}", f"each video_id once (also on line {first[vid]})", vid)
+        first[vid] = n
+    return list(first)
 
 
 def _sentences_by_video(path: Path, data) -> Dict[str, List[str]]:
@@ -76,11 +113,16 @@ def _official_ids(path: Path, data, official: str) -> List[str]:
     if not isinstance(videos, list):
         raise fail(path, "top level", 'a "videos" list', type(videos).__name__)
     ids = []
+    seen: Dict[str, int] = {}
     for i, video in enumerate(videos):
         if not isinstance(video, dict):
             raise fail(path, f"videos[{i}]", "an object with video_id and split", video)
         if video.get("split") == official:
-            ids.append(as_text(video.get("video_id"), path, f"videos[{i}].video_id"))
+            vid = as_text(video.get("video_id"), path, f"videos[{i}].video_id")
+            if vid in seen:
+                raise fail(path, f"videos[{i}].video_id", f"each video once (also videos[{seen[vid]}])", vid)
+            seen[vid] = i
+            ids.append(vid)
     return ids
 
 
@@ -98,10 +140,13 @@ def _read_test_1ka(path: Path) -> Dict[str, str]:
                 raise fail(path, f"[{i}].clip_name", "each video once", vid)
             caption[vid] = as_text(row.get("caption"), path, f"[{i}].caption")
         return caption
-    for n, row in enumerate(read_csv_rows(path, ["video_id", "sentence"]), 2):
-        if row["video_id"] in caption:
-            raise fail(path, f"line {n}", "each video_id once (1k-A has one caption per video)", row["video_id"])
-        caption[row["video_id"]] = row["sentence"]
+    first: Dict[str, int] = {}
+    for n, row in read_csv_rows(path, ["video_id", "sentence"]):
+        vid = row["video_id"]
+        if vid in caption:
+            raise fail(path, f"line {n}", f"each video_id once (also on line {first[vid]}; 1k-A has one caption "
+                       "per video)", vid)
+        caption[vid], first[vid] = row["sentence"], n
     return caption
 
 
@@ -124,7 +169,7 @@ def read(root, split: str = "test", *, annotations=None, annotation_file=None, m
         captions = _sentences_by_video(data_path, data)
         if split in TRAIN_CSV:
             ids_path = find_annotation(NAME, split, [TRAIN_CSV[split]], dirs)
-            ids = [row["video_id"] for row in read_csv_rows(ids_path, ["video_id"])]
+            ids = read_video_ids(ids_path)
             sources += [ids_path, data_path]
         else:
             ids = _official_ids(data_path, data, OFFICIAL_SPLIT[split])

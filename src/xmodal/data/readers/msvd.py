@@ -14,9 +14,6 @@ Videos are `{video_id}.avi` (re-encoded `.mp4` also accepted) under videos/, You
 
 from __future__ import annotations
 
-import builtins
-import io
-import pickle
 from pathlib import Path
 from typing import Dict, List
 
@@ -34,27 +31,19 @@ from xmodal.data.readers._common import (
     read_id_list,
 )
 from xmodal.errors import DataError
+from xmodal.safe_pickle import builtin_globals, restricted_loads
 
 NAME = "msvd"
 SPLITS = ("train", "val", "test")
 CAPTIONS_PKL = "raw-captions.pkl"
 TEST_GT = "test_gt.json"
-_ALLOWED = {"dict", "list", "str"}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Refuses every global except the builtins dict/list/str."""
-
-    def find_class(self, module, name):
-        if module == "builtins" and name in _ALLOWED:
-            return getattr(builtins, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+_ALLOWED = builtin_globals(("dict", "list", "str"))  # the shared restricted unpickler refuses every other global
 
 
 def load_raw_captions(path: Path) -> Dict[str, List[str]]:
     """video id -> captions (tokens joined by spaces) from a raw-captions.pkl file."""
     try:
-        data = _RestrictedUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+        data = restricted_loads(Path(path).read_bytes(), _ALLOWED)
     except Exception as exc:  # any failure of an untrusted pickle is a malformed file
         raise DataError(f"{path}: expected a pickled dict of video id -> list of token lists ({exc})") from None
     if not isinstance(data, dict):
