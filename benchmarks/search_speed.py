@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="queries timed for the one-query exact scan of every video")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULT))
+    p.add_argument("--append", action="store_true",
+                   help="add this run's sizes to --out (each size record keeps its own settings)")
     return p.parse_args(argv)
 
 
@@ -286,13 +288,16 @@ def main(argv=None) -> int:
                    f"{args.query_threads} thread(s) per query, {args.threads} offline",
         "model": "xmodal-tiny --pretrained xmodal", "clips": args.clips, "head": "text_conditioned tau=5",
         "text_encode_ms_p50": round(1000 * statistics.median(enc), 2),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "sizes": []}
+        "sizes": []}
     out = Path(args.out)
+    if args.append and out.is_file():
+        result = json.loads(out.read_text())
     from xmodal.atomic import atomic_write_json
 
     for n in args.sizes:
         load = os.getloadavg()[0]
         result["sizes"].append(run_size(n, real, queries, args, log))
+        result["sizes"][-1]["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "append")}
         result["sizes"][-1]["loadavg_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         atomic_write_json(out, result)  # partial results survive an interrupted 1M run
     print_table(result)

@@ -2,6 +2,7 @@
 
     python benchmarks/serve_speed.py                       # 100k videos, 200 timed queries, 1000-request load
     python benchmarks/serve_speed.py --items 20000 --queries 50 --load-requests 200   # quick check
+    python benchmarks/serve_speed.py --screenshot docs/serve_screenshot.png --screenshot-only  # README picture
 
 1. A generated video set (`xmodal.synth.world.write_video_set`, cached under .xmodal_cache/serve_speed)
    is encoded once with xmodal-tiny and its packaged weights (`--pretrained xmodal`), 12 frames per clip
@@ -98,6 +99,41 @@ def grow(feats, mask, ids, paths, n_items: int, seed: int = 0):
     return big.half(), big_mask, big_ids, big_paths
 
 
+def screenshot(feats, mask, ids, paths, captions, pretrained: str, frames: int, out: str) -> str:
+    """The search page on the real (not grown) clips with their captions, in Debian's chromium."""
+    from playwright.sync_api import sync_playwright
+
+    from xmodal.retrieval_index import GalleryIndex
+    from xmodal.serve import build_app
+    from xmodal.serve.loadtest import live_server
+
+    meta = {"backbone": "xmodal-tiny", "pretrained": pretrained, "seed": 0, "adapter": None,
+            "head": {"pooling": "text_conditioned", "temperature": 5.0, "normalize": False},
+            "max_words": 32, "dataset": "generated videos", "split": "test", "fps": 1.0, "num_frames": frames}
+    index_dir = CACHE / f"index_real_{len(ids)}_{frames}_{pretrained}"
+    GalleryIndex(feats, mask, ids, paths, meta, captions=captions).save(index_dir)
+    query = captions[7][0]
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with live_server(build_app([f"generated-videos={index_dir}"])) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        page.goto(f"{base}/?index=generated-videos&q={query}")
+        page.wait_for_selector(".card")
+        page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+        png = page.screenshot()
+        browser.close()
+    import io
+
+    from PIL import Image
+
+    from xmodal.atomic import atomic_file
+
+    with atomic_file(out) as tmp:  # a 128-colour palette keeps the README picture small (~70 KB)
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(128).save(tmp, format="PNG", optimize=True)
+    return query
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=100_000, help="gallery size (videos)")
@@ -114,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the grown index even if cached")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--screenshot", default=None, metavar="PNG",
+                   help="also save the search page over the real clips (needs /usr/bin/chromium + playwright)")
+    p.add_argument("--screenshot-only", action="store_true", help="only take the screenshot")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +167,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     feats, mask, ids, paths, captions = encode_set(args.clips, args.frames, args.pretrained)
     t_encode = time.perf_counter() - t0
+    if args.screenshot:
+        print(f"screenshot of '{screenshot(feats, mask, ids, paths, captions, args.pretrained, args.frames, args.screenshot)}'"
+              f" -> {args.screenshot}")
+        if args.screenshot_only:
+            return 0
     big, big_mask, big_ids, big_paths = grow(feats, mask, ids, paths, args.items)
     meta = {"backbone": "xmodal-tiny", "pretrained": args.pretrained, "seed": 0, "adapter": None,
             "head": {"pooling": "text_conditioned", "temperature": 5.0, "normalize": False},

@@ -259,3 +259,12 @@ def test_to_device_on_cpu_is_a_plain_cast():
     assert to_device(x, torch.device("cpu")) is x
     y = to_device(x, torch.device("cpu"), torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, x.to(torch.bfloat16))
+
+
+def test_loader_options_pin_on_cuda_and_prefetch_with_workers():
+    from xmodal.encoding import loader_options
+
+    assert loader_options("cpu") == {"pin_memory": False}
+    assert loader_options("cuda", num_workers=4) == {"pin_memory": True, "prefetch_factor": 4}
+    # they are valid DataLoader arguments
+    DataLoader(_Clips(2), batch_size=1, num_workers=0, **loader_options("cpu"))

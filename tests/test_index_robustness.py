@@ -75,7 +75,7 @@ def test_non_finite_or_zero_feature_rows_are_refused():
 
 def test_faiss_padding_never_becomes_the_last_item():
     # 4 IVF lists probed one at a time: FAISS pads short results with -1 (once mapped to ids[-1])
-    index, feats = _gallery(n=60, f=2, d=8, faiss_factory="IVF4,Flat", faiss_train_size=60)
+    index, feats = _gallery(n=60, f=2, d=8, faiss_factory="IVF4,Flat", faiss_train_size=60, faiss_params="nprobe=1")
     hits = index.search(feats[:5].mean(1), k=40)
     for row in hits:
         ids = [h.id for h in row]
@@ -92,6 +92,8 @@ def test_fast_exact_text_conditioned_scores_equal_the_head():
         want = head(text, frames, mask)
         got = text_conditioned_scores(text, frames, mask, head.temperature, head.normalize)
         assert torch.allclose(got, want, atol=1e-5)
+        index = GalleryIndex(frames, mask, [str(i) for i in range(9)], [""] * 9, candidate_vectors="mean")
+        assert torch.allclose(index.score_all(text, head), want, atol=1e-5)  # chunked, cached Gram matrices
 
 
 def test_frame_candidates_with_all_items_equal_exact_search():

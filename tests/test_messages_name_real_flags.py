@@ -215,3 +215,12 @@ def test_every_xmodal_variable_is_documented(strings):
     missing = [f"{var} (named at {where})" for var, where in sorted(named.items()) if var not in docs]
     assert not missing, "XMODAL_* variables named in the source but documented nowhere in README.md/docs/: " + \
         ", ".join(missing)
+
+
+def test_documents_named_in_texts_exist(strings):
+    """A message that says 'see docs/DATA.md' must point at a file that is there."""
+    named = {(m, f"{filename}:{line}") for _, messages, others in strings for filename, line, text in messages + others
+             for m in re.findall(r"\bdocs/[\w.-]+\.md\b", text)}
+    assert any(m == "docs/DATA.md" for m, _ in named)
+    missing = sorted(f"{m} (named at {where})" for m, where in named if not (ROOT / m).is_file())
+    assert not missing, missing

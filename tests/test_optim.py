@@ -1,5 +1,6 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,3 +209,74 @@ def test_no_backward_below_the_lowest_trainable_block(tiny_backbone_factory, gra
     below = [(m, i) for m, i in seen if m in lowest and i < lowest[m]]
     assert not below, f"backward reached blocks below the lowest trainable site {lowest}: {sorted(set(below))}"
     assert any(m in lowest and i >= lowest[m] for m, i in seen)  # the adapted blocks were differentiated
+
+
+def _run_counted(model, batch, scope):
+    """One forward+backward: how often each block ran, bytes the forward stored for backward, the gradients."""
+    blocks = [(m, i, b) for m in ("vision", "text") for i, b in enumerate(model.backbone.blocks(m))]
+    runs = {}
+
+    def counting(key, forward):  # an instance attribute, not a hook: hooks would mark the block adapted
+        def run(*a, **k):
+            runs[key] = runs.get(key, 0) + 1
+            return forward(*a, **k)
+        return run
+
+    for m, i, b in blocks:  # the MLP runs once per (re)computation of its block
+        b.mlp.forward = counting((m, i), b.mlp.forward)
+    handles = [SimpleNamespace(remove=lambda b=b: b.mlp.__dict__.pop("forward")) for _, _, b in blocks]
+    undo = checkpoint_blocks([b for _, _, b in blocks], scope=scope) if scope else (lambda: None)
+    stored = [0]
+
+    def pack(t):
+        stored[0] += t.numel() * t.element_size()
+        return t
+
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # kept for backward by the forward
+            t, f = model(batch["tokens"], batch["pixels"], batch["frame_mask"])
+            loss = SimilarityHead()(t, f, batch["frame_mask"], max_bytes=None).logsumexp(1).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_trainable_parameters()}
+    finally:
+        undo()
+        for h in handles:
+            h.remove()
+    return runs, stored[0], grads
+
+
+@pytest.mark.parametrize("method,kw", [("cross_modal_adapter", {"init": "normal"}), ("msta", {}), ("coop", {}),
+                                       ("lora", {})])
+def test_selective_recompute_only_reruns_frozen_blocks(tiny_backbone_factory, method, kw):
+    from xmodal.engine.optim import has_trainable_site
+
+    model = apply_method(tiny_backbone_factory(0), make_config(method, **kw))
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = _batch(model)
+    adapted = {(m, i) for m in ("vision", "text") for i, b in enumerate(model.backbone.blocks(m))
+               if has_trainable_site(b)}
+    plain_runs, plain_bytes, plain = _run_counted(model, batch, None)
+    all_runs, _, g_all = _run_counted(model, batch, "all")
+    sel_runs, sel_bytes, g_sel = _run_counted(model, batch, "frozen")
+    assert set(plain_runs.values()) == {1}
+    for key, n in sel_runs.items():
+        if key in adapted:
+            assert n == 1, key        # adapted blocks keep their activations: never recomputed
+        else:
+            assert n == all_runs[key], key  # frozen blocks are recomputed exactly when "all" does it
+    # recompute work: the selective scope reruns at most what "all" reruns, and stores at most what
+    # no recomputation stores
+    assert sum(sel_runs.values()) <= sum(all_runs.values())
+    assert sel_bytes <= plain_bytes
+    if any(all_runs[k] == 2 for k in adapted):
+        assert sum(sel_runs.values()) < sum(all_runs.values())
+    if any(n == 2 for k, n in sel_runs.items()):
+        assert sel_bytes < plain_bytes
+    if method == "coop":  # prompts enter below block 0: every text block is frozen yet differentiated
+        assert all(sel_runs[("text", i)] == 2 for i in range(2)) and sel_bytes < plain_bytes
+    for n, g in plain.items():
+        torch.testing.assert_close(g_sel[n], g, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g_all[n], g, atol=1e-6, rtol=1e-5)

@@ -187,7 +187,8 @@ def test_knn_service_matches_search_and_metadata(client):
     search = client.post("/search", json={"index": "ada", "query": text, "k": 3, "candidates": 3}).json()["hits"]
     assert [x["item_id"] for x in rows] == [h["id"] for h in search]
     assert [x["similarity"] for x in rows] == pytest.approx([h["score"] for h in search], abs=1e-6)
-    assert all(isinstance(x["id"], int) and x["url"].startswith("/media/ada/") for x in rows)
+    assert all(isinstance(x["id"], int) and x["url"].startswith("http://testserver/media/ada/") for x in rows)
+    assert client.get(rows[0]["url"]).status_code == 200
     meta = client.post("/metadata", json={"indice_name": "ada", "ids": [x["id"] for x in rows]}).json()
     assert [m["id"] for m in meta] == [x["id"] for x in rows]
     assert [m["metadata"]["item_id"] for m in meta] == [x["item_id"] for x in rows]
@@ -377,3 +378,16 @@ def test_gallery_encoded_with_other_weights_is_refused(tmp_path):
     _random_index(tmp_path / "tiny", meta, dim=256)
     with pytest.raises(XModalError, match="encoded with weights sha256 000000000000"):
         load_indices([str(tmp_path / "tiny")])
+
+
+def test_cors_is_off_by_default_and_opt_in(world):
+    from xmodal.serve import build_app
+
+    pre = {"Origin": "http://front.example", "Access-Control-Request-Method": "POST"}
+    with TestClient(build_app([str(world["plain"])])) as c:
+        assert "access-control-allow-origin" not in c.options("/knn-service", headers=pre).headers
+    with TestClient(build_app([str(world["plain"])], cors_origins=["http://front.example"])) as c:
+        r = c.options("/knn-service", headers=pre)
+        assert r.headers["access-control-allow-origin"] == "http://front.example"
+        other = c.options("/knn-service", headers={**pre, "Origin": "http://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "http://evil.example"

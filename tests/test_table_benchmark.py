@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ def test_compare_verdicts_follow_the_two_pooled_std_rule(table):
 
 def test_claims_are_computed_from_the_records(table):
     cma, uni, ft = "cross_modal_adapter", "uni_adapter", "full_finetune"
-    records = (_rec(cma, [20, 21, 22]) + _rec(uni, [10, 11, 12]) + _rec(ft, [20.5, 21.5, 22.5], trainable=1000)
+    records = (_rec(cma, [20, 21, 22]) + _rec(uni, [10, 11, 12]) + _rec(ft, [20.4, 20.5, 20.6], trainable=1000)
                + _rec("mv_adapter", [40, 41, 42], "order_metrics") + _rec("mv_adapter-temporal=none", [40, 43, 39],
                                                                           "order_metrics")
                + _rec(f"{cma}-share=down", [15, 16, 17]) + _rec(f"{cma}-d_s=0", [10, 11, 12])
@@ -185,3 +186,18 @@ def test_plateau_and_budget_from_curves(table):
               "image/a": {"set": "image", "plateau_step": 30}}
     rec = table.recommend_budget(curves, {"video": 18, "image": 31})
     assert rec["epochs"] == 6 and rec["slowest"] == "video/b"  # ceil(95 / 18)
+
+
+def test_curves_mode_writes_the_figure_and_a_budget_the_table_can_run_at(table, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--backbone", "xmodal-test", "--pretrained", "none", "--images", "12", "--test", "4", "--batch", "4",
+            "--sets", "image", "--methods", "projection", "--curves", "--curve-epochs", "2", "--threads", "1",
+            "--out", str(out), "--work", str(work)]
+    assert table.main(argv) == 0
+    curves = json.loads((out / "curves.json").read_text())
+    curve = curves["curves"]["image/projection"]
+    assert curve["updates"] == 2 * 2 and len(curve["losses"]) == 4 and 1 <= curve["plateau_step"] <= 4
+    assert curves["recommended"]["epochs"] == math.ceil(curve["plateau_step"] / 2)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    args = table.parse_args(["--budget-from", str(out / "curves.json")])
+    assert (args.epochs, args.video_steps, args.image_steps) == (curves["recommended"]["epochs"], 0, 0)

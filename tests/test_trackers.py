@@ -52,3 +52,29 @@ def test_wandb_config_errors_are_one_line(cfg, msg):
 def test_no_trackers_when_nothing_asked(tmp_path):
     assert build_trackers(tmp_path, tensorboard=False, wandb_cfg=None) == []
     assert check_wandb_config({"project": "p"})["mode"] == "offline"
+
+
+def test_train_logs_to_wandb_offline(tmp_path, monkeypatch):
+    """`train.wandb` in a run config: the same scalars as metrics.csv, the run's provenance, the final metrics."""
+    pytest.importorskip("wandb")
+    import yaml
+
+    from test_train_engine import make_own_data
+    from xmodal.cli import main
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    data = make_own_data(tmp_path)
+    cfg = {
+        "data": {"dataset": "jsonl", "root": str(data), "num_frames": 2, "max_words": 16, "num_workers": 0},
+        "model": {"backbone": "xmodal-test", "pretrained": "random"},
+        "method": {"name": "cross_modal_adapter", "r": 4, "d_s": 8},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "progress": False, "log_every": 1,
+                  "tensorboard": False, "wandb": {"project": "xmodal-ci", "run_name": "tiny",
+                                                  "dir": str(tmp_path / "wb")}},
+        "eval": {"batch_size": 4},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 0
+    blob = _run_file(tmp_path / "wb", b"weights_sha256")
+    for needle in (b"train/loss", b"eval/t2v/R@1", b"weights_sha256", b"xmodal-test", b"tie_policy"):
+        assert needle in blob, needle

@@ -115,6 +115,17 @@ def to_device(x: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype
     return x.to(device=device, dtype=dtype) if dtype is not None else x.to(device)
 
 
+def loader_options(device: Device, num_workers: int = 0, prefetch: int = 4) -> dict:
+    """DataLoader keyword arguments for an encoding loader on `device`: pinned batches on CUDA
+    (so `to_device` copies them without blocking), and `prefetch` batches per decode worker
+    queued ahead, so decoding overlaps the GPU's encoding of the batch before."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    opts: dict = {"pin_memory": dev.type == "cuda"}
+    if num_workers > 0:
+        opts["prefetch_factor"] = int(prefetch)
+    return opts
+
+
 class _Collector:
     """Per-batch results -> float32 on `output_device`, without a synchronisation per batch:
     GPU -> CPU copies land in pinned buffers with non_blocking=True; `tensors()` waits once."""
@@ -362,6 +373,7 @@ def encode_loader(
 
 __all__ = [
     "autocast",
+    "loader_options",
     "to_device",
     "encode_images",
     "encode_loader",

@@ -82,7 +82,7 @@ def index_meta(cfg, adapter: Optional[Union[str, os.PathLike]] = None) -> Dict[s
         "adapter": str(Path(adapter).resolve()) if adapter else None,
         "head": {"pooling": cfg.head.pooling, "temperature": cfg.head.temperature, "normalize": cfg.head.normalize},
         "max_words": cfg.data.max_words, "dataset": cfg.data.dataset, "split": cfg.data.eval_split,
-        "num_frames": cfg.data.num_frames,
+        "num_frames": cfg.data.num_frames, "fps": cfg.data.fps,
     }
 
 
@@ -175,8 +175,17 @@ class FrameVectors:
         return torch.nn.functional.normalize(self.features[rows].float(), dim=-1).numpy()
 
 
+def frame_gram(frames: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """(V, F, F) float32 Gram matrices of each item's frames (query-independent part of the score)."""
+    f = frames.float()
+    if normalize:
+        f = torch.nn.functional.normalize(f, dim=-1)
+    return torch.bmm(f, f.transpose(1, 2))
+
+
 def text_conditioned_scores(text: torch.Tensor, frames: torch.Tensor, mask: Optional[torch.Tensor],
-                            temperature: float = 5.0, normalize: bool = False) -> torch.Tensor:
+                            temperature: float = 5.0, normalize: bool = False,
+                            gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exactly `heads.text_conditioned_similarity`, (Q, V), without its (V, Q, D) pooled tensor.
 
     With s_j = <t, f_j> and alpha = softmax(s / tau) over the real frames,
@@ -195,7 +204,7 @@ def text_conditioned_scores(text: torch.Tensor, frames: torch.Tensor, mask: Opti
     s = (t @ f.reshape(v * n_f, d).t()).reshape(t.shape[0], v, n_f)
     alpha = (s / temperature).masked_fill(~valid.unsqueeze(0), float("-inf")).softmax(dim=-1)
     num = (alpha * s).sum(dim=-1)
-    gram = torch.bmm(f, f.transpose(1, 2))  # (V, F, F)
+    gram = torch.bmm(f, f.transpose(1, 2)) if gram is None else gram  # (V, F, F)
     ag = torch.bmm(alpha.permute(1, 0, 2), gram).permute(1, 0, 2)  # (Q, V, F)
     den = (ag * alpha).sum(dim=-1).clamp_min(0).sqrt().clamp_min(1e-12)
     return num / den / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -508,16 +517,30 @@ class GalleryIndex:
             for start in range(0, len(self), chunk):
                 stop = min(len(self), start + chunk)
                 out[:, start:stop] = self._rerank(rerank, text, self.frame_features[start:stop],
-                                                  self.frame_mask[start:stop])
+                                                  self.frame_mask[start:stop], self._grams(rerank, start, stop))
         return out
 
+    def _grams(self, rerank: Rerank, start: int, stop: int) -> Optional[torch.Tensor]:
+        """Cached frame Gram matrices for exact text-conditioned scoring (N x F x F float32, computed once)."""
+        if getattr(rerank, "pooling", None) != "text_conditioned" or not hasattr(rerank, "normalize"):
+            return None
+        key = bool(rerank.normalize)
+        if getattr(self, "_gram_cache", None) is None or self._gram_cache[0] != key:
+            n, f = self.frame_mask.shape
+            gram = torch.empty(n, f, f)
+            for a in range(0, n, _ROWS_PER_CHUNK):
+                gram[a:a + _ROWS_PER_CHUNK] = frame_gram(self.frame_features[a:a + _ROWS_PER_CHUNK], key)
+            self._gram_cache = (key, gram)
+        return self._gram_cache[1][start:stop]
+
     @staticmethod
-    def _rerank(rerank: Rerank, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _rerank(rerank: Rerank, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor,
+                gram: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The head's scores; a text-conditioned `SimilarityHead` goes through the equivalent
         `text_conditioned_scores` (same numbers to float rounding, a fraction of the memory and time)."""
         with torch.no_grad():
             if getattr(rerank, "pooling", None) == "text_conditioned" and hasattr(rerank, "temperature"):
-                return text_conditioned_scores(text, frames, mask, rerank.temperature, rerank.normalize)
+                return text_conditioned_scores(text, frames, mask, rerank.temperature, rerank.normalize, gram)
             return rerank(text, frames.float(), mask)
 
     def search(self, text_features: torch.Tensor, k: int = 5, rerank: Optional[Rerank] = None,

@@ -51,6 +51,17 @@ def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int) -> N
                             f"--split-order {n_order} --seed {seed}")
 
 
+def _machine() -> str:
+    """Where the numbers came from (the printed digits can depend on the CPU's vector units)."""
+    import os
+    import platform
+
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}")
+
+
 def _row(name: str, trainable: int, metrics: dict) -> dict:
     return {"setting": name, "trainable": trainable, **{k: metrics[k] for k in metrics if "/" in k}}
 
@@ -155,8 +166,10 @@ def run(args: argparse.Namespace) -> int:
                "method": cfg.method, "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained,
                "best_epoch": result.best_epoch, "adapter_bytes": adapter_bytes,
                "query": query, "top5": [h.__dict__ for h in hits], "ground_truth": truth,
-               "ground_truth_rank": truth_rank, "seconds": round(time.time() - t0, 1)}
+               "ground_truth_rank": truth_rank, "seconds": round(time.time() - t0, 1),
+               "world": json.loads((data_dir / "synth.json").read_text()).get("command"),
+               "machine": _machine()}
     write_text_atomic(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "demo_table.txt", table + "\n")
-    print(f"\ndone in {time.time() - t0:.0f} s; summary in {out / 'demo_summary.json'}")
+    print(f"\ndone in {time.time() - t0:.0f} s on {summary['machine']}; summary in {out / 'demo_summary.json'}")
     return 0

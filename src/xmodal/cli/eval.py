@@ -4,7 +4,7 @@
     xmodal eval --dataset NAME --root DIR [--split SPLIT] --backbone NAME --pretrained P
                 [--adapter DIR [--force]] [--pooling mean|text_conditioned] [--dual-softmax]
                 [--ties mean|optimistic|pessimistic] [--v2t-protocol best_caption|clip4clip_groups]
-                [--allow-missing] [--frame-cache DIR] [--save-sims] [--out DIR]
+                [--allow-missing] [--frame-cache DIR] [--save-sims] [--save-embeddings DIR] [--out DIR]
 
 Prints one line saying what was measured (weights and their hash, adapter, head, frames/words
 and where they came from, gallery, tie policy, device), the t2v / v2t table (t2i / i2t for
@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--save-sims", action="store_true",
                    help="also write sims.npy (texts x gallery scores), sims_ids.json (row/column order) "
                         "and ranks.json (per-query ranks) into --out")
+    p.add_argument("--save-embeddings", default=None, metavar="DIR",
+                   help="also write the text and visual embeddings of this evaluation into DIR in the layout of "
+                        "`xmodal embed` (clip-retrieval; `xmodal index --from-embeddings DIR` reads it)")
     p.add_argument("--out", default=None, help="directory for metrics.json (default: eval/<dataset>_<split>)")
     p.set_defaults(func=run)
 
@@ -273,7 +276,10 @@ def run(args: argparse.Namespace) -> int:
         ties = args.ties or DEFAULT_TIES
         protocol = args.v2t_protocol or DEFAULT_V2T_PROTOCOL
         head = model.use_head(head_from_config(cfg.head))  # binds a trained head saved with the adapter
-        result = evaluate_full(model, eval_set, head, collate_fn=collate,
+        capture = _FeatureCapture(head) if args.save_embeddings else None
+        record = _embeddings_record(Path(args.save_embeddings), cfg, args.adapter, model, eval_set) \
+            if args.save_embeddings and info.is_main else None  # refuse a folder of another run before encoding
+        result = evaluate_full(model, eval_set, capture or head, collate_fn=collate,
                                max_words=cfg.data.max_words, batch_size=cfg.eval.batch_size,
                                text_batch_size=cfg.eval.text_batch_size, num_workers=cfg.data.num_workers,
                                dual_softmax=cfg.eval.dual_softmax, ties=ties, v2t_protocol=protocol,
@@ -298,6 +304,9 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("eval") / f"{cfg.data.dataset}_{cfg.data.eval_split}"
         if args.save_sims:
             _save_sims(out, result, eval_set)
+        if args.save_embeddings:
+            _save_embeddings(Path(args.save_embeddings), record, eval_set, result, capture)
+            print(f"wrote embeddings of {result.num_gallery} items to {args.save_embeddings} (layout of xmodal embed)")
         atomic_write_json(out / "metrics.json", {**result.metrics, "run": run_info})
         print(f"wrote {out / 'metrics.json'}" + (" (+ sims.npy, sims_ids.json, ranks.json)" if args.save_sims else ""))
     finally:
@@ -333,3 +342,61 @@ def _save_sims(out: Path, result, eval_set) -> None:
         "note": "1-based; under the mean tie policy the expected rank; null: an item without captions",
         "t2v": _nan_to_none(r.t2v_ranks), "v2t": _nan_to_none(r.v2t_ranks),
     })
+
+
+class _FeatureCapture:
+    """The similarity head, keeping the features it scores: `--save-embeddings` writes the very
+    features the metrics were computed from, without encoding the split a second time."""
+
+    def __init__(self, head):
+        self.head = head
+        self.features = None  # (text (T', D), frames (V', F, D), mask (V', F)) on CPU
+
+    def __call__(self, text, frames, mask=None, *args, **kwargs):
+        self.features = (text.detach().cpu(), frames.detach().cpu(), None if mask is None else mask.detach().cpu())
+        return self.head(text, frames, mask, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.head, name)
+
+
+def _embeddings_record(out: Path, cfg, adapter, model, eval_set) -> dict:
+    """The `xmodal embed` provenance record of this evaluation; an error if `out` holds another run's."""
+    from xmodal.embeddings import check_output, provenance
+    from xmodal.engine.evaluate import gallery_kind
+
+    kind = "image" if gallery_kind(eval_set) == "image" else "video"
+    requested = int(getattr(eval_set, "num_items_requested", None) or len(eval_set.items))
+    record = provenance(cfg, adapter, kind, model.backbone.embed_dim, requested, 1)
+    check_output(out, record)
+    return record
+
+
+def _save_embeddings(out: Path, record: dict, eval_set, result, capture: _FeatureCapture) -> None:
+    """One partition of `xmodal embed` output from the evaluated features (reuses its writer):
+    visual rows = the readable gallery items in split order, text rows = each item's first caption."""
+    import torch
+
+    from xmodal.embeddings import EncodedGallery, write_partition
+    from xmodal.errors import XModalError
+
+    if capture is None or capture.features is None:
+        raise XModalError("--save-embeddings: the evaluation produced no features to write")
+    text, frames, mask = capture.features
+    items = [eval_set.items[i] for i in result.item_index.tolist()]
+    first_row = {}
+    for row, column in enumerate(result.text_to_visual.tolist()):
+        first_row.setdefault(column, row)
+    absent = [items[c].id for c in range(len(items)) if c not in first_row]
+    if absent:
+        raise XModalError(f"--save-embeddings: items without a caption cannot get a text embedding: {absent[:5]}")
+    if mask is None:
+        mask = torch.ones(frames.shape[:2], dtype=torch.bool)
+    enc = EncodedGallery(items, frames.float(), mask.bool())
+    text_rows = text[[first_row[c] for c in range(len(items))]]
+    if record["num_items"] != result.num_items_requested or record["dim"] != int(frames.shape[-1]):
+        raise XModalError(f"--save-embeddings: evaluated {result.num_items_requested} items of dim "
+                          f"{int(frames.shape[-1])}, the record says {record['num_items']} of dim {record['dim']}")
+    dropped = [{"id": None, "media": m, "reason": "file not found"} for m in result.missing_media] + \
+              [{"id": None, "media": m, "reason": "could not be decoded"} for m in result.unreadable_media]
+    write_partition(out, 0, record, enc, text_rows, range(0, record["num_items"]), dropped)

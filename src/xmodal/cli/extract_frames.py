@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--fps", type=float, default=1.0, help="sampling rate in frames per second (default 1)")
     p.add_argument("--format", dest="fmt", choices=("npy", "jpeg"), default="npy",
                    help="one uint8 .npy per clip, lossless (default), or JPEG files per frame (smaller, LOSSY: "
-                        "metrics change slightly; see the README)")
+                        "metrics change slightly; see docs/DATA.md, 'Frame cache')")
     p.add_argument("--size", type=int, default=224,
                    help="shrink frames so the shorter side is this many pixels; use the model's input size "
                         "(0: keep the original size; default 224)")

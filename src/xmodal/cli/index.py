@@ -105,6 +105,8 @@ def _encode(args):
     meta["weights_sha256"] = weights_provenance(cfg.model.backbone, cfg.model.pretrained,
                                                 cfg.model.cache_dir)["weights_sha256"]
     meta.update(partial=bool(dropped), dropped=dropped, num_split_items=total)
+    if any(it.start is not None or it.end is not None for it in enc.items):
+        meta["segments"] = [[it.start, it.end] for it in enc.items]
     return GalleryIndex(enc.frames, enc.mask, [it.id for it in enc.items], [it.media for it in enc.items], meta,
                         captions=[list(it.captions) for it in enc.items], seed=cfg.train.seed, **_faiss_kwargs(args))
 
@@ -118,7 +120,7 @@ def _from_embeddings(args):
     emb = read_embeddings(args.from_embeddings)
     p = emb.provenance
     meta = {k: p.get(k) for k in ("backbone", "pretrained", "seed", "adapter", "head", "max_words", "dataset",
-                                  "split", "num_frames", "weights_sha256")}
+                                  "split", "num_frames", "fps", "weights_sha256")}
     meta.update(partial=emb.partial, dropped=emb.dropped, num_split_items=len(emb.ids) + len(emb.dropped),
                 source_embeddings={"path": str(Path(args.from_embeddings).resolve()),
                                    "provenance_id": p.get("provenance_id")})

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="device for the query encoders (cpu, cuda)")
     p.add_argument("--media-root", default=None,
                    help="only files inside this folder are served (default: the folder holding all indexed media)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let a web page from ORIGIN (e.g. a clip-retrieval front end) call the API; repeatable")
     p.set_defaults(func=run)
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise XModalError(f"--port={args.port}: expected 0..65535")
     t0 = time.perf_counter()
     indices = load_indices(args.indices, device=args.device, media_root=args.media_root)
-    app = create_app(indices)
+    app = create_app(indices, cors_origins=args.cors_origin)
     backbones = len({id(ix.encoder.shared) for ix in indices})
     for ix in indices:
         d = ix.describe()

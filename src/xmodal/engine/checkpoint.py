@@ -193,16 +193,18 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    from xmodal.folder_files import file_inside, read_json_file
+
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a training checkpoint holds {TRAINER_STATE}, {OPTIM_META}, "
                               f"{OPTIM_TENSORS}, {RNG_META} and {RNG_TENSORS}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc}); the checkpoint is damaged") from None
+    return read_json_file(file_inside(path.parent, path.name), "training-checkpoint file")
 
 
 def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    from xmodal.folder_files import file_inside
+
+    file_inside(path.parent, path.name)  # a link leaving the checkpoint folder is refused
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; the checkpoint is incomplete")
     try:
@@ -242,8 +244,13 @@ def incomplete_reason(directory: str | os.PathLike) -> Optional[str]:
     for name in REQUIRED:
         if name not in files:
             return f"{directory / MANIFEST}: does not list {name}"
+    from xmodal.folder_files import FolderFileError, file_inside
+
     for name, entry in files.items():
-        path = directory / name
+        try:
+            path = file_inside(directory, name)
+        except FolderFileError as exc:
+            return str(exc)
         if not path.is_file():
             return f"{path}: missing; the checkpoint is incomplete"
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes"):

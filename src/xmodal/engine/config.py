@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "auto"                # auto | fp32 | bf16 | fp16
     device: str = "auto"                   # auto | cpu | cuda
     grad_checkpoint_frozen: bool = False   # recompute the towers' blocks in backward
+    grad_checkpoint_scope: str = "all"     # all blocks | frozen: only blocks without a trainable site (cheaper)
     compile: bool = False                  # torch.compile the adapted blocks
     seed: int = 42
     max_steps_per_epoch: Optional[int] = None
@@ -79,6 +80,7 @@ class TrainConfig:
     save_every_steps: int = 0              # also checkpoint RUN/last every N updates (0: at epoch ends only)
     progress: bool = True
     tensorboard: bool = True
+    wandb: Optional[Dict[str, Any]] = None  # {project, run_name, mode (offline default), entity, tags, dir}
     eval_every: int = 1                    # epochs between evaluations (0: only after the last)
     best_metric: str = "t2v/R@1+v2t/R@1"   # '+'-joined metric keys, higher is better
     find_unused_parameters: bool = False
@@ -214,6 +216,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         (cfg.head.pooling in POOLINGS, f"head.pooling must be one of {list(POOLINGS)}"),
         (cfg.head.temperature > 0, "head.temperature must be > 0"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.grad_checkpoint_scope in ("all", "frozen"), "train.grad_checkpoint_scope must be 'all' or 'frozen'"),
         (t.save_every_steps >= 0, "train.save_every_steps must be >= 0 (0: checkpoint at epoch ends only)"),
         (cfg.data.num_frames >= 1, "data.num_frames must be >= 1"),
         (cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: expected >= 0 "
@@ -225,6 +228,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for ok, msg in checks:
         if not ok:
             raise XModalError(f"{source}: {msg}")
+    from xmodal.engine.trackers import check_wandb_config
+
+    check_wandb_config(t.wandb, where=f"{source}: train.wandb")
     if t.batch_size % t.grad_accum:
         raise XModalError(f"{source}: train.batch_size={t.batch_size} is not divisible by "
                           f"train.grad_accum={t.grad_accum}")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -365,8 +365,9 @@ def make_device_step(trainer) -> Callable[[Dict[str, Any]], torch.Tensor]:
     Forward under bf16/fp16 autocast with the autocast cache off, InfoNCE + the method's extra
     loss, backward, gradient clipping, the guarded fused AdamW update (skipped on the device
     when the loss or gradient is not finite; the latch `trainer.halted` as in the engine),
-    zero_grad, logit-scale clamp. Returns the stacked (loss, t2v, v2t, grad_norm, logit_scale,
-    nonfinite) float64 tensor; the caller steps the scheduler and counts the update.
+    zero_grad, logit-scale clamp. Returns the engine's `StepResult.values` layout (STEP_FIELDS:
+    loss, t2v, v2t, grad_norm, logit_scale, nonfinite, skipped=0) as one float64 tensor; the
+    caller steps the scheduler and counts the update.
     Single process, no loss scaling (fp16 runs use the engine's eager step)."""
     from xmodal.engine.loss import MAX_LOGIT_SCALE, contrastive_loss
     from xmodal.engine.optim import clip_grad_norm, guarded_step
@@ -405,7 +406,8 @@ def make_device_step(trainer) -> Callable[[Dict[str, Any]], torch.Tensor]:
             with torch.no_grad():
                 ls.clamp_(0, log_max)
         return torch.stack([loss.detach().double(), out.t2v.detach().double(), out.v2t.detach().double(),
-                            grad_norm.reshape(()), ls.detach().exp().double(), nonfinite.double().reshape(())])
+                            grad_norm.reshape(()), ls.detach().exp().double(), nonfinite.double().reshape(()),
+                            torch.zeros((), dtype=torch.float64, device=device)])
 
     return step
 

@@ -11,7 +11,10 @@
   halves the scale; nothing is read back to the host inside a step).
 - `checkpoint_blocks` recomputes the frozen towers' block activations in backward
   (non-reentrant `torch.utils.checkpoint`): the frozen weights need no gradients, but the
-  activations inside each block would otherwise be kept for the input gradients.
+  activations inside each block would otherwise be kept for the input gradients. Scope
+  "all" recomputes every block; "frozen" (selective) only blocks without a trainable site,
+  so adapted blocks are not run twice. Blocks below the lowest trainable site are never
+  differentiated and run plainly in both scopes.
 """
 
 from __future__ import annotations
@@ -229,8 +232,28 @@ def _restore_visual_context(ctx: vctx.VisualContext):
         yield
 
 
-def checkpoint_blocks(blocks: Sequence[nn.Module], compile: bool = False) -> Callable[[], None]:
-    """Recompute each block's activations in backward instead of storing them.
+def has_trainable_site(block: nn.Module) -> bool:
+    """A block a method adapts: trainable weights of its own, hooks or parametrizations (where
+    methods inject). A miss costs only speed: such a block is recomputed, gradients stay exact."""
+    from torch.nn.utils import parametrize
+
+    if any(p.requires_grad for p in block.parameters()):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m) for m in block.modules())
+
+
+def _needs_grad(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+
+
+def checkpoint_blocks(blocks: Sequence[nn.Module], compile: bool = False, scope: str = "all") -> Callable[[], None]:
+    """Recompute block activations in backward instead of storing them.
+
+    `scope="all"` recomputes every block. `scope="frozen"` (selective, cheaper) recomputes only
+    blocks without a trainable site: those store just their input, while adapted blocks keep
+    their activations and are not run twice. Either way a frozen block whose input needs no
+    gradient (it lies below the lowest trainable site) runs plainly: nothing would be stored
+    for it and backward never reaches it.
 
     The block's `forward` is wrapped on the instance (the module tree and state_dict do not
     change), so forward hooks on its submodules - where methods inject - run inside the
@@ -241,14 +264,19 @@ def checkpoint_blocks(blocks: Sequence[nn.Module], compile: bool = False) -> Cal
     """
     from torch.utils.checkpoint import checkpoint
 
+    if scope not in ("all", "frozen"):
+        raise XModalError(f"train.grad_checkpoint_scope={scope!r}: expected 'all' or 'frozen'")
     undo = []
     for block in blocks:
         if "forward" in vars(block):
             continue  # already wrapped
+        adapted = has_trainable_site(block)
+        if scope == "frozen" and adapted:
+            continue
         original = torch.compile(block.forward, dynamic=False) if compile else block.forward
 
-        def wrapped(*args, _orig=original, **kwargs):
-            if not torch.is_grad_enabled():
+        def wrapped(*args, _orig=original, _frozen=not adapted, **kwargs):
+            if not torch.is_grad_enabled() or (_frozen and not _needs_grad(args, kwargs)):
                 return _orig(*args, **kwargs)
             ctx = vctx.visual_context()
             return checkpoint(

@@ -38,6 +38,10 @@ def _finish(fig, ax, ylabel: str, title: str, path: Path) -> Path:
 
     ax.set_xlabel("update")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # updates are whole numbers
+    lo, hi = ax.get_xlim()
+    if hi - lo < 2:  # one evaluation: widen so the locator has integers to tick
+        mid = round((lo + hi) / 2)
+        ax.set_xlim(mid - 1, mid + 1)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -149,7 +149,7 @@ class Trainer:
         self._undo: List[Callable[[], None]] = []
         blocks = [b for m in (VISION, TEXT) for b in model.backbone.blocks(m)]
         if cfg.grad_checkpoint_frozen:
-            self._undo.append(checkpoint_blocks(blocks, compile=cfg.compile))
+            self._undo.append(checkpoint_blocks(blocks, compile=cfg.compile, scope=cfg.grad_checkpoint_scope))
         elif cfg.compile:
             compile_blocks(blocks)
         named = model.named_trainable_parameters()
@@ -276,10 +276,13 @@ class RunLog:
     did not finish) are cut, so the file reads as if the run had never stopped."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_epoch: Optional[int] = None,
-                 resume_step: int = 0):
+                 resume_step: int = 0, wandb: Optional[Dict[str, Any]] = None,
+                 config: Optional[Dict[str, Any]] = None):
+        from xmodal.engine.trackers import build_trackers
+
         self.enabled = enabled
         self.path = run_dir / "metrics.csv"
-        self.tb = None
+        self.trackers: List[Any] = []
         if not enabled:
             return
         rows = []
@@ -287,13 +290,8 @@ class RunLog:
             with self.path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if _row_kept(r, resume_epoch, resume_step)]
         self._write_all(rows)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step if resume_epoch is not None else None)
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
+        self.trackers = build_trackers(run_dir, tensorboard, wandb, config=config,
+                                       purge_step=resume_step if resume_epoch is not None else None)
 
     def _write_all(self, rows: List[Dict[str, Any]]) -> None:
         import io
@@ -317,16 +315,20 @@ class RunLog:
             with contextlib.suppress(OSError):
                 os.truncate(self.path, size)  # no half-written row
             raise WriteError(_describe_write_error(exc, self.path)) from None
-        if self.tb is not None:
-            step = int(values["step"])
-            prefix = "train" if values["kind"] == "step" else "eval"
-            for k, v in values.items():
-                if k not in ("kind", "epoch", "step") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        for tracker in self.trackers:
+            tracker.log(values)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def provenance(self, run: Dict[str, Any]) -> None:
+        """The run record (weights, data, head ...) for the trackers, once it is known."""
+        if self.enabled and not getattr(self, "_provenance_sent", False):
+            self._provenance_sent = True
+            for tracker in self.trackers:
+                tracker.set_provenance(run)
+
+    def close(self, final: Optional[Dict[str, Any]] = None) -> None:
+        for tracker in self.trackers:
+            tracker.finish(final)
+        self.trackers = []
 
 
 def _row_kept(row: Dict[str, str], epochs_done: int, global_step: int) -> bool:
@@ -527,7 +529,8 @@ def fit(
         log(f"{model.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%); "
             f"{world} process(es), {steps_per_epoch} updates/epoch of {tcfg.batch_size} samples, "
             f"precision {trainer.precision}")
-    runlog = RunLog(run_dir, is_main, tcfg.tensorboard, start_epoch if resume else None, trainer.global_step)
+    runlog = RunLog(run_dir, is_main, tcfg.tensorboard, start_epoch if resume else None, trainer.global_step,
+                    wandb=tcfg.wandb, config=cfg.to_dict())
 
     # RNG: restored from the checkpoint (exact continuation) or seeded per rank
     if ckpt is not None:
@@ -571,6 +574,7 @@ def fit(
                                    device=info.device, progress=None if (tcfg.progress and is_main) else False)
                 score = score_of(metrics, tcfg.best_metric)
                 run_info = train_run_record(cfg, model, data.eval, metrics, info.device, trainer.precision)
+                runlog.provenance(run_info)
                 runlog.row({"kind": "epoch", "epoch": epoch + 1, "step": trainer.global_step, **metrics,
                             "score": score})
                 if is_main:
@@ -598,6 +602,8 @@ def fit(
                      "run": train_run_record(cfg, model, data.eval, result.final_metrics, info.device,
                                              trainer.precision)}
             write_text_atomic(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
+            runlog.provenance(final["run"])
+            runlog.close(final)
     finally:
         runlog.close()
         trainer.close()

@@ -85,10 +85,9 @@ def read_adapter_config(directory) -> Dict[str, Any]:
         if old is not None:
             hint = f"; an interrupted save left the previous checkpoint at {old}"
         raise XModalError(f"{path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise XModalError(f"{path}: invalid JSON ({exc})") from None
+    from xmodal.folder_files import file_inside, read_json_file
+
+    meta = read_json_file(file_inside(directory, CONFIG_NAME), "adapter config (adapter_config.json)")
     if not isinstance(meta, dict):
         raise XModalError(f"{path}: expected a JSON object with 'method' and the method's fields")
     return meta
@@ -160,7 +159,9 @@ def load_adapter(model, directory, adapter_name: Optional[str] = None, activate:
     fields = {k: v for k, v in meta.items() if k not in META_KEYS}
     config = config_from_dict(fields, source=str(cfg_path))
     name = adapter_name or meta.get("adapter_name") or "default"
-    weights_file = directory / WEIGHTS_NAME
+    from xmodal.folder_files import file_inside
+
+    weights_file = file_inside(directory, WEIGHTS_NAME)
     if not weights_file.is_file():
         raise XModalError(f"{weights_file}: not found")
     try:

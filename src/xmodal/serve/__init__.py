@@ -24,9 +24,10 @@ def load_indices(specs: Sequence[str], device: str = "cpu", media_root: Optional
     return [load_index(name, directory, registry, media_root) for name, directory in parse_index_args(specs)]
 
 
-def build_app(specs: Sequence[str], device: str = "cpu", media_root: Optional[str] = None):
+def build_app(specs: Sequence[str], device: str = "cpu", media_root: Optional[str] = None,
+              cors_origins: Sequence[str] = ()):
     """The FastAPI app serving the given index folders."""
-    return create_app(load_indices(specs, device, media_root))
+    return create_app(load_indices(specs, device, media_root), cors_origins=cors_origins)
 
 
 __all__ = ["build_app", "create_app", "load_indices", "ModelRegistry", "ServedIndex"]

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from xmodal.errors import XModalError
 from xmodal.serve.catalog import ServedIndex, caption_search
 from xmodal.serve.files import MediaAccessError, checked_media_path, thumbnail
 from xmodal.serve.metrics import Metrics, MetricsMiddleware
@@ -110,6 +111,12 @@ class Service:
         return vec
 
     def rank(self, ix: ServedIndex, vector: torch.Tensor, k: int, candidates: Optional[int], exact: bool):
+        try:
+            return self._rank(ix, vector, k, candidates, exact)
+        except XModalError as exc:  # the index refuses the query (e.g. a non-finite vector): the client's input
+            _fail(422, str(exc))
+
+    def _rank(self, ix: ServedIndex, vector: torch.Tensor, k: int, candidates: Optional[int], exact: bool):
         n = len(ix.items)
         if exact:
             try:
@@ -135,8 +142,12 @@ class Service:
         return moments(w, times)
 
 
-def create_app(indices: Sequence[ServedIndex]) -> FastAPI:
-    """The service over already loaded indices (see `xmodal.serve.build_app` to load folders)."""
+def create_app(indices: Sequence[ServedIndex], cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The service over already loaded indices (see `xmodal.serve.build_app` to load folders).
+
+    `cors_origins`: web origins allowed to call the API from a browser (e.g. a clip-retrieval
+    front end served elsewhere); none by default, so other sites cannot read a local service.
+    """
     if not indices:
         raise ValueError("create_app needs at least one index")
     svc = Service(indices)
@@ -145,6 +156,11 @@ def create_app(indices: Sequence[ServedIndex]) -> FastAPI:
                               "(/indices-list, /knn-service, /metadata) plus /search with video moments.")
     app.state.service = svc
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "Range"])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -168,7 +184,7 @@ def create_app(indices: Sequence[ServedIndex]) -> FastAPI:
 
     @app.post("/knn-service", response_model=List[Dict[str, Any]], responses=ERRORS,
               summary="clip-retrieval's k-nearest-neighbour query")
-    def knn_service(body: KnnRequest, response: Response):
+    def knn_service(body: KnnRequest, request: Request, response: Response):
         ix = svc.index(body.indice_name)
         if body.image_url:
             _fail(422, "image_url: not supported (the service makes no network requests); "
@@ -189,28 +205,30 @@ def create_app(indices: Sequence[ServedIndex]) -> FastAPI:
         if ignored:
             response.headers["X-XModal-Ignored"] = ",".join(ignored)
         k = min(body.num_images, len(ix.items))
+        base = str(request.base_url).rstrip("/")  # absolute URLs: clip-retrieval fronts live elsewhere
         out = []
         if body.modality == "text":
             if not ix.has_captions:
                 _fail(422, f"modality 'text': index {ix.name!r} has no captions to search; "
                            f"use modality 'image' (its visual gallery)")
             for row, sim, caption in caption_search(ix, vector, k):
-                out.append(_knn_row(svc, ix, row, sim, caption))
+                out.append(_knn_row(svc, ix, row, sim, caption, base))
             return out
         hits, _ = svc.rank(ix, vector, k, body.num_result_ids or body.num_images, exact=False)
         for h in hits:
             row = _row(ix, h)
-            out.append(_knn_row(svc, ix, row, h.score, None))
+            out.append(_knn_row(svc, ix, row, h.score, None, base))
         return out
 
     @app.post("/metadata", response_model=List[MetadataEntry], responses=ERRORS,
               summary="clip-retrieval's metadata of result ids")
-    def metadata(body: MetadataRequest):
+    def metadata(body: MetadataRequest, request: Request):
         ix = svc.index(body.indice_name)
         bad = [i for i in body.ids if not 0 <= i < len(ix.items)]
         if bad:
             _fail(404, f"index {ix.name!r} has ids 0..{len(ix.items) - 1}; unknown: {bad[:10]}")
-        return [{"id": i, "metadata": _item_metadata(svc, ix, i, None)} for i in body.ids]
+        base = str(request.base_url).rstrip("/")
+        return [{"id": i, "metadata": _item_metadata(svc, ix, i, None, base)} for i in body.ids]
 
     # ---------------------------------------------------------------- xmodal API
     @app.post("/search", response_model=SearchResponse, responses=ERRORS,
@@ -290,15 +308,16 @@ def _row(ix: ServedIndex, hit) -> int:
     return row if row is not None and row >= 0 else ix.by_id[str(hit.id)]
 
 
-def _item_metadata(svc: Service, ix: ServedIndex, row: int, caption: Optional[str]) -> Dict[str, Any]:
+def _item_metadata(svc: Service, ix: ServedIndex, row: int, caption: Optional[str], base: str) -> Dict[str, Any]:
     item = ix.items[row]
-    media_url, thumb_url = svc.urls(ix, item.id)
+    media_url, thumb_url = (base + u for u in svc.urls(ix, item.id))
     return {"caption": caption if caption is not None else (item.captions[0] if item.captions else None),
             "url": media_url, "thumbnail_url": thumb_url, "item_id": item.id, "kind": item.kind}
 
 
-def _knn_row(svc: Service, ix: ServedIndex, row: int, similarity: float, caption: Optional[str]) -> Dict[str, Any]:
-    out = _item_metadata(svc, ix, row, caption)
+def _knn_row(svc: Service, ix: ServedIndex, row: int, similarity: float, caption: Optional[str],
+             base: str) -> Dict[str, Any]:
+    out = _item_metadata(svc, ix, row, caption, base)
     out["id"] = row
     out["similarity"] = float(similarity) if math.isfinite(similarity) else None
     return out

@@ -1,7 +1,8 @@
 """The generated world: a seeded image/video-text universe written as plain-JSONL datasets.
 
-`world` writes the three sets (pretraining corpus, temporal video set, shifted image set),
-`scenes` draws them, `captions` phrases them, `events` scripts the video stories.
+`world` writes the three sets (pretraining corpus, downstream video set with its order
+subset, shifted image set), `scenes` draws them, `camera` films the videos, `captions`
+phrases them, `events` scripts the video stories.
 """
 
 from xmodal.synth.world import (  # noqa: F401
