@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-timing-queries", type=int, default=3,
                    help="queries timed for the one-query exact scan of every video")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mmap-above", type=int, default=500_000,
+                   help="galleries this large are grown into a memory-mapped .npy under .xmodal_cache (deleted after)")
     p.add_argument("--out", default=str(RESULT))
     p.add_argument("--append", action="store_true",
                    help="add this run's sizes to --out (each size record keeps its own settings)")
@@ -142,7 +144,11 @@ def grow_gallery(real, n: int, args) -> np.ndarray:
     r = min(64, len(s))
     # noise ~ N(0, Sigma_r): z @ (diag(s/sqrt(n)) V^T) keeps the real anisotropy
     basis = (s[:r, None] / np.sqrt(len(flat))) * vt[:r]  # (r, D)
-    out = np.empty((n, f, d), dtype=np.float16)
+    if n >= args.mmap_above:  # file-backed pages: the kernel can write them out instead of failing
+        CACHE.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(CACHE / f"gallery_{n}.npy", mode="w+", dtype=np.float16, shape=(n, f, d))
+    else:
+        out = np.empty((n, f, d), dtype=np.float16)
     step = 32768
     for start in range(0, n, step):
         m = min(step, n - start)
@@ -252,6 +258,7 @@ def run_size(n: int, real, queries, args, log) -> Dict[str, Any]:
             log(f"[{n}] {vectors:6s} {factory:16s} {params:14s} K={k:5d}  p50 {run['p50_ms']:8.2f} ms  "
                 f"p99 {run['p99_ms']:8.2f} ms  recall@10 {run['recall@10']:.3f}")
         del gi
+    (CACHE / f"gallery_{n}.npy").unlink(missing_ok=True)
     return record
 
 

@@ -24,6 +24,12 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last exactly where it stopped")
     p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
                    help="end this invocation after epoch N (resume later with --resume)")
+    fast = p.add_argument_group("fast path (GPU; same as train.<key>=true, see benchmarks/GPU.md)")
+    for flag, key, what in (("--compile", "compile", "torch.compile each tower whole, adapters traced in"),
+                            ("--fused-adapters", "fused_adapters", "one autograd node per adapter site"),
+                            ("--cuda-graphs", "cuda_graphs", "capture the training step once and replay it "
+                                                            "(CUDA, one micro-batch, fixed shapes)")):
+        fast.add_argument(flag, dest=f"fast_{key}", action="store_const", const=f"train.{key}=true", help=what)
     p.set_defaults(func=run)
 
 
@@ -33,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.engine.train import fit
 
     overrides = list(args.overrides) + list(args.set_overrides)
+    overrides += [v for k, v in vars(args).items() if k.startswith("fast_") and v]
     cfg = load_config(args.config, overrides)
     _resolve_defaults(cfg, args.config, overrides)
     try:

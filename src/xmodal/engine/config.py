@@ -73,7 +73,10 @@ class TrainConfig:
     device: str = "auto"                   # auto | cpu | cuda
     grad_checkpoint_frozen: bool = False   # recompute the towers' blocks in backward
     grad_checkpoint_scope: str = "all"     # all blocks | frozen: only blocks without a trainable site (cheaper)
-    compile: bool = False                  # torch.compile the adapted blocks
+    compile: Optional[bool] = None         # torch.compile each tower whole, adapters traced in (None: device default)
+    fused_adapters: Optional[bool] = None  # one autograd node per adapter site (None: device default)
+    bf16_frozen_weights: Optional[bool] = None  # store frozen weights in bf16 under bf16 autocast (exact)
+    cuda_graphs: Optional[bool] = None     # capture the training step once, replay it (CUDA, fixed shapes)
     seed: int = 42
     max_steps_per_epoch: Optional[int] = None
     log_every: int = 10                    # host sync (metrics rows, console line, divergence check) every N updates

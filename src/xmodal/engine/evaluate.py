@@ -108,8 +108,11 @@ def encode_eval_set(
     mask = torch.zeros(0, 1, dtype=torch.bool)
     index = torch.zeros(0, dtype=torch.long)
     if len(v_idx):
+        from xmodal.encoding import loader_options
+
         loader = _NonEmpty(DataLoader(Subset(visuals, list(v_idx)), batch_size=batch_size, shuffle=False,
-                                      num_workers=num_workers, collate_fn=collate_fn))
+                                      num_workers=num_workers, collate_fn=collate_fn,
+                                      **loader_options(device, num_workers)))  # pinned + prefetch on CUDA
         try:
             feats, mask, index = encode_loader(model, loader, device=device, progress=progress, return_index=True)
         except XModalError:

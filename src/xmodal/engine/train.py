@@ -47,10 +47,11 @@ from xmodal.engine.checkpoint import (
 )
 from xmodal.engine.config import RunConfig, TrainConfig, dump_config, write_text_atomic
 from xmodal.engine.evaluate import METRIC_KEYS, evaluate, score_of
+from xmodal.engine.fastpath import CudaGraphStep, make_device_step, prepare_fast_path
 from xmodal.engine.heads import SimilarityHead
 from xmodal.engine.loss import MAX_LOGIT_SCALE, contrastive_loss
 from xmodal.engine.optim import (
-    WarmupCosine, autocast, build_optimizer, checkpoint_blocks, clip_grad_norm, compile_blocks, guarded_step,
+    WarmupCosine, autocast, build_optimizer, checkpoint_blocks, clip_grad_norm, guarded_step,
     make_grad_scaler, resolve_precision, scaler_state,
 )
 from xmodal.errors import DataError, XModalError
@@ -149,9 +150,11 @@ class Trainer:
         self._undo: List[Callable[[], None]] = []
         blocks = [b for m in (VISION, TEXT) for b in model.backbone.blocks(m)]
         if cfg.grad_checkpoint_frozen:
-            self._undo.append(checkpoint_blocks(blocks, compile=cfg.compile, scope=cfg.grad_checkpoint_scope))
-        elif cfg.compile:
-            compile_blocks(blocks)
+            self._undo.append(checkpoint_blocks(blocks, compile=bool(cfg.compile), scope=cfg.grad_checkpoint_scope))
+        # whole-tower compile, fused adapter sites, bf16-stored frozen weights (engine/fastpath.py)
+        self.fast = prepare_fast_path(model, cfg, self.device, self.precision)
+        self._undo.append(self.fast.close)
+        self.graph = None  # CudaGraphStep, captured at the first eligible step
         named = model.named_trainable_parameters()
         if not named:
             raise XModalError(f"method {model.method.name if model.method else None!r} has no trainable parameters")
@@ -198,6 +201,10 @@ class Trainer:
         if not micro_batches:
             raise ValueError("step() needs at least one micro-batch")
         self.model.train()
+        if self.fast.options.cuda_graphs and len(micro_batches) == 1 and self.ddp is None and self.scaler is None:
+            result = self._graph_step(micro_batches[0])
+            if result is not None:
+                return result
         n = len(micro_batches)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, t2v, v2t
         samples = 0
@@ -240,6 +247,21 @@ class Trainer:
         values = torch.cat([sums, grad_norm.reshape(1), ls.detach().exp().to(self.device, torch.float64).reshape(1),
                             nonfinite.to(torch.float64).reshape(1), (overflow & ~self.halted).to(torch.float64).reshape(1)])
         result = StepResult(values, lr, samples * self.world, self.global_step)
+        self.pending.append(result)
+        return result
+
+    def _graph_step(self, batch: Dict[str, Any]) -> Optional[StepResult]:
+        """Replay the captured step for a batch of the captured shapes (None: run eagerly)."""
+        batch = to_device(batch, self.device)
+        if self.graph is None:
+            self.graph = CudaGraphStep(make_device_step(self), batch, optimizer=self.optimizer)
+        if not self.graph.matches(batch):
+            return None
+        lr = self.optimizer.param_groups[0]["lr"]
+        values = self.graph(batch)
+        self.scheduler.step()
+        self.global_step += 1
+        result = StepResult(values, lr, int(batch["tokens"].shape[0]), self.global_step)
         self.pending.append(result)
         return result
 

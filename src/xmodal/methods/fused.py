@@ -1,26 +1,33 @@
-"""Fused execution of one bottleneck adapter site: down, activation, up as three kernels.
+"""Fused execution of one bottleneck adapter site: one autograd node instead of a chain.
 
-The eager `Bottleneck.forward` launches, per site and step, the concatenations of the
-Cross-Modal Adapter's shared slices (weight and bias), two autocast weight casts, two
-linears, the activation, a scale multiply and a dtype cast, and autograd then keeps the
-input, the pre-activation and the activation for backward. With 48 sites on ViT-B/32 the
-small-batch step is launch-bound. `FusedBottleneck` is one autograd node per site:
+The eager `Bottleneck.forward` is a chain of small ops per site and step: the concatenations of
+the Cross-Modal Adapter's shared slices (weight and bias), autocast weight casts, two linears,
+the activation, a scale multiply, a dtype cast, each its own autograd node. With 48 sites on
+ViT-B/32 the small-batch step is launch- and host-bound. `FusedBottleneck` is ONE autograd
+node per site, doing the same arithmetic with the fewest ops:
 
-    forward : pre = addmm(b_down, h, W_down^T)      (shared down slice concatenated inside)
+    forward : pre = addmm(b_down, h, W_down^T)        (shared down slice concatenated inside)
               z   = act(pre)
-              out = addmm(s*b_up, z, W_up^T, alpha=s)  (scale folded in; shared up slice inside)
-    saves   : h and pre only (z is recomputed from pre in backward, r wide: cheap)
-    backward: the four weight/bias gradients and dh by mm/addmm, gradients of the shared
-              slices split off the concatenated ones (both towers accumulate into them).
+              out = addmm(b_up, z, W_up^T, beta=s, alpha=s)  (scale folded in; shared up slice inside)
+    saves   : h, pre, z and the (cast, concatenated) weights - what eager autocast keeps too
+    backward: dW_up, db_up, dW_down, db_down, dh by mm/sum with the activation's derivative in
+              closed form (no nested autograd: traceable by torch.compile, capturable in a CUDA
+              graph); the shared slices' gradients are views split off the concatenated ones
+              (both towers accumulate into them).
+
+Measured on CPU (tests/test_fused_adapters.py): the same number of kernels as eager (never
+more), one autograd node instead of about ten. It does not fuse kernels by itself: under
+`torch.compile` (whole towers, `engine/fastpath.py`) the node is traced and inductor fuses
+around it. Whether it pays on a GPU is what `benchmarks/gpu_suite.sh` measures (`fused`).
 
 Computation runs in the autocast dtype when autocast is on (bf16 on CUDA), else in the
 adapter's dtype, exactly as autocast would run the eager linears; the delta comes back in the
-input's dtype and weight gradients in the weights' dtype. Dropout in training and the
-optional LayerNorm are not fused (`supports` says when the fused path applies; the eager
-path runs otherwise).
+input's dtype and weight gradients in the weights' dtype. Dropout in training is not fused
+(`supports` says when the fused path applies; the eager path runs otherwise); the optional
+LayerNorm runs eagerly before the fused node.
 
 Switched by `set_enabled(True)` / `enabled()` (process-wide, read at each forward, so
-`torch.compile` guards on it); `prepare_fast_path` turns it on for a training run.
+`torch.compile` guards on it); `prepare_fast_path(fused_adapters=True)` turns it on.
 """
 
 from __future__ import annotations
