@@ -642,7 +642,6 @@ def test_index_meta_that_is_not_an_object(gallery_index):
     assert_refused(err, directory / META)
 
 
-@_known_unsafe("retrieval_index.py GalleryIndex.load follows frame_features.safetensors to a file outside the folder")
 def test_index_files_linking_outside_the_folder(gallery_index, tmp_path):
     from xmodal.retrieval_index import FEATURES
 

@@ -35,20 +35,20 @@ def file_inside(directory: PathLike, name: PathLike) -> Path:
     return path
 
 
-def read_json_file(path: PathLike, what: str = "JSON file") -> Any:
-    """Parse a small JSON file with a one-line error for every way it can be broken."""
+def read_json_file(path: PathLike, what: str = "a JSON file") -> Any:
+    """Parse a small JSON file with a one-line error for every way it can be broken (`what`: "an adapter config")."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise FolderFileError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+        raise FolderFileError(f"{path}: cannot read it ({exc.strerror}); expected {what}") from None
     if size > MAX_JSON_BYTES:
-        raise FolderFileError(f"{path}: {size} bytes is far larger than a {what} (at most {MAX_JSON_BYTES})")
+        raise FolderFileError(f"{path}: {size} bytes, far larger than {what} can be (at most {MAX_JSON_BYTES})")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
-        raise FolderFileError(f"{path}: not UTF-8 text; expected a {what}") from None
+        raise FolderFileError(f"{path}: not UTF-8 text; expected {what}") from None
     except json.JSONDecodeError as exc:
-        raise FolderFileError(f"{path}: invalid JSON ({exc}); expected a {what}") from None
+        raise FolderFileError(f"{path}: invalid JSON ({exc}); expected {what}") from None
     except RecursionError:
-        raise FolderFileError(f"{path}: JSON nested too deeply to be a {what}") from None
+        raise FolderFileError(f"{path}: JSON nested too deeply; expected {what}") from None

@@ -620,11 +620,15 @@ class GalleryIndex:
             if not (directory / f).is_file():
                 hint = _interrupted_hint(directory)
                 raise IndexFileError(f"{directory / f}: not found; build the index with `xmodal index`{hint}")
+        from xmodal.folder_files import FolderFileError, file_inside, read_json_file
+
         meta_path = directory / META
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IndexFileError(f"{meta_path}: invalid JSON ({exc}); rebuild the index with `xmodal index`") from None
+            for f in (FEATURES, META, FAISS_FILE):
+                file_inside(directory, f)  # an index folder holds its own files: a link leaving it is refused
+            meta = read_json_file(meta_path, "an index description; rebuild the index with `xmodal index`")
+        except FolderFileError as exc:
+            raise IndexFileError(str(exc)) from None
         if not isinstance(meta, dict):
             raise IndexFileError(f"{meta_path}: expected a JSON object")
         for key in ("ids", "media"):
@@ -636,7 +640,10 @@ class GalleryIndex:
             raise IndexFileError(f"{meta_path}: {len(ids)} ids but {len(stored_media)} media paths"
                                  + (f" / {len(captions)} caption lists" if captions is not None else ""))
         for name, size in (meta.get("files") or {}).items():
-            path = directory / name
+            try:
+                path = file_inside(directory, name)
+            except FolderFileError as exc:
+                raise IndexFileError(str(exc)) from None
             if path.is_file() and path.stat().st_size != size:
                 raise IndexFileError(f"{path}: {path.stat().st_size} bytes, {meta_path.name} says {size} "
                                      f"(truncated, or a file of another index); rebuild the index with `xmodal index`")

@@ -198,7 +198,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a training checkpoint holds {TRAINER_STATE}, {OPTIM_META}, "
                               f"{OPTIM_TENSORS}, {RNG_META} and {RNG_TENSORS}")
-    return read_json_file(file_inside(path.parent, path.name), "training-checkpoint file")
+    return read_json_file(file_inside(path.parent, path.name), "a training-checkpoint file")
 
 
 def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:

@@ -87,7 +87,7 @@ def read_adapter_config(directory) -> Dict[str, Any]:
         raise XModalError(f"{path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     from xmodal.folder_files import file_inside, read_json_file
 
-    meta = read_json_file(file_inside(directory, CONFIG_NAME), "adapter config (adapter_config.json)")
+    meta = read_json_file(file_inside(directory, CONFIG_NAME), "an adapter config (adapter_config.json)")
     if not isinstance(meta, dict):
         raise XModalError(f"{path}: expected a JSON object with 'method' and the method's fields")
     return meta
