@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from xmodal.atomic import WriteError, atomic_write_text, ensure_dir
+from xmodal.atomic import WriteError, atomic_write_text, ensure_dir, file_mode
 from xmodal.errors import CheckpointMismatchError, XModalError
 
 OPTIM_TENSORS = "optimizer.safetensors"
@@ -184,6 +184,7 @@ def _write_json(path: Path, data: Any) -> None:
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     try:
         save_file(tensors, str(path))
+        os.chmod(path, file_mode())  # safetensors creates 0600; checkpoints follow the umask like every output
         with path.open("rb") as f:
             os.fsync(f.fileno())
     except OSError as exc:
