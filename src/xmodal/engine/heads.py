@@ -217,6 +217,10 @@ class SimilarityHead:
             self.max_bytes if max_bytes == -1 else max_bytes,
         )
 
+    def compact_frame_count(self, num_frames: int) -> int:
+        """Frames per video in `compact_visual`'s output for videos of `num_frames` frames."""
+        return 1 if self.pooling == "mean" else int(num_frames)
+
     def compact_visual(self, frames: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The smallest (V, F', D) form that gives the same scores (sent across ranks).
 

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -139,13 +139,21 @@ class Trainer:
     """
 
     def __init__(self, model, head: SimilarityHead, cfg: TrainConfig, total_steps: int,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, max_frames: Optional[int] = None):
         self.model = model
         self.head = head
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.world = dist_utils.world_size()
+        # With several processes the loss gathers features at a fixed shape (no size exchange, no
+        # host sync): rows up to the per-rank micro-batch (`fit`'s loader never yields more; the
+        # collate only drops unreadable samples) and frames up to the data's frame budget, both
+        # the same on every rank. Without `max_frames` the sizes are exchanged per micro-batch.
+        self.pad_to: Optional[Tuple[int, int]] = None
+        per_update = cfg.batch_size // cfg.grad_accum
+        if self.world > 1 and max_frames and per_update % self.world == 0:
+            self.pad_to = (per_update // self.world, int(max_frames))
         model.to(self.device)
         self._undo: List[Callable[[], None]] = []
         blocks = [b for m in (VISION, TEXT) for b in model.backbone.blocks(m)]
@@ -186,7 +194,7 @@ class Trainer:
         with autocast(self.device, self.precision):
             text, frames = net(batch["tokens"], batch["pixels"], batch.get("frame_mask"))
         mask = batch.get("frame_mask")
-        out = contrastive_loss(text, frames, mask, self.head, self.model.logit_scale)
+        out = contrastive_loss(text, frames, mask, self.head, self.model.logit_scale, pad_to=self.pad_to)
         loss = out.loss
         method = self.model.method
         if method is not None:
@@ -505,7 +513,8 @@ def fit(
         raise XModalError(f"{source}: the training split has {len(data.train)} items, fewer than one global batch "
                           f"(train.batch_size={tcfg.batch_size}); lower train.batch_size")
     total_steps = tcfg.epochs * steps_per_epoch
-    trainer = Trainer(model, head, tcfg, total_steps, info.device)
+    trainer = Trainer(model, head, tcfg, total_steps, info.device,
+                      max_frames=getattr(data.train, "num_frames", None) or cfg.data.num_frames)
     last_dir = run_dir / "last"
 
     # ----------------------------------------------------------- resume
