@@ -99,3 +99,29 @@ def test_plot_update_axis_has_integer_ticks(tmp_path):
     # files written with the user's umask, not mkstemp's 0600
     mode = (run / "loss.png").stat().st_mode & 0o777
     assert mode & 0o044, oct(mode)
+
+
+def test_progress_resumes_part_way():
+    stream = io.StringIO()
+    with progress(8, desc="epoch 1/2", unit="sample", enabled=True, stream=stream, every_s=1e9, initial=4) as bar:
+        bar.update(4)
+    assert stream.getvalue().strip().splitlines()[-1].startswith("epoch 1/2: 8/8 sample (100%)")
+
+
+def test_training_log_file_has_no_carriage_returns(tmp_path):
+    """`xmodal train ... 2> log`: plain lines, not a tqdm bar redrawn with \\r."""
+    import yaml
+
+    from test_train_engine import make_own_data
+
+    data = make_own_data(tmp_path)
+    cfg = {"data": {"dataset": "jsonl", "root": str(data), "num_frames": 2, "max_words": 16, "num_workers": 0},
+           "model": {"backbone": "xmodal-test", "pretrained": "random"},
+           "method": {"name": "cross_modal_adapter", "r": 4, "d_s": 8},
+           "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "tensorboard": False}, "eval": {"batch_size": 4}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "xmodal", "train", "--config", str(tmp_path / "cfg.yaml"),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    assert "epoch 1/1: 8/8 sample (100%)" in proc.stderr

@@ -23,14 +23,14 @@ class PlainProgress:
     """Periodic one-line progress for non-terminal streams."""
 
     def __init__(self, total: Optional[int], desc: str = "", unit: str = "it", stream: Optional[TextIO] = None,
-                 every_s: float = 30.0, every_fraction: float = 0.25):
+                 every_s: float = 30.0, every_fraction: float = 0.25, initial: int = 0):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = sys.stderr if stream is None else stream
         self.every_s, self.every_fraction = every_s, every_fraction
-        self.n = 0
+        self.n = self._start = int(initial)  # a resumed epoch starts part-way
         self.postfix = ""
         self.t0 = self._last_t = time.monotonic()
-        self._last_n = 0
+        self._last_n = self.n
         self._closed = False
 
     def update(self, n: int = 1) -> None:
@@ -48,14 +48,15 @@ class PlainProgress:
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         tail = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {done} {self.unit}{pct}, {self.n / elapsed:.1f} {self.unit}/s, {elapsed:.0f} s{tail}",
+        rate = (self.n - self._start) / elapsed
+        print(f"{self.desc}: {done} {self.unit}{pct}, {rate:.1f} {self.unit}/s, {elapsed:.0f} s{tail}",
               file=self.stream, flush=True)
         self._last_t, self._last_n = now, self.n
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self.n != self._last_n or self.n == 0:
+            if self.n != self._last_n or self.n == self._start:
                 self._emit(time.monotonic())
 
     def __enter__(self) -> "PlainProgress":
@@ -75,7 +76,7 @@ class _Silent:
 
 
 def progress(total: Optional[int], desc: str = "", unit: str = "it", enabled: Optional[bool] = True,
-             stream: Optional[TextIO] = None, leave: bool = True, **plain_kw: Any):
+             stream: Optional[TextIO] = None, leave: bool = True, initial: int = 0, **plain_kw: Any):
     """A tqdm bar on a terminal, PlainProgress lines elsewhere, nothing when `enabled` is False.
 
     `enabled=None` means: only on a terminal (the quiet default for library calls).
@@ -86,5 +87,5 @@ def progress(total: Optional[int], desc: str = "", unit: str = "it", enabled: Op
     if is_terminal(stream):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=stream)
-    return PlainProgress(total, desc=desc, unit=unit, stream=stream, **plain_kw)
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=stream, initial=initial)
+    return PlainProgress(total, desc=desc, unit=unit, stream=stream, initial=initial, **plain_kw)

@@ -561,7 +561,7 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
     if fmt not in LOSSLESS_FORMATS:
         echo(f"note: --format {fmt} is lossy: evaluations from this cache differ from decoding")
 
-    from tqdm import tqdm
+    from xmodal.progress import progress as progress_bar
 
     extracted = frames_written = 0
     decode_seconds = 0.0
@@ -569,7 +569,7 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
     failed = 0
     clip_seconds: Dict[str, float] = {}
     began = last_save = time.perf_counter()
-    bar = tqdm(total=len(jobs), unit="clip", desc="extract-frames", disable=not progress)
+    bar = progress_bar(len(jobs), desc="extract-frames", unit="clip", enabled=bool(progress))
     try:
         for result in _run_jobs(jobs, workers):
             bar.update(1)

@@ -737,14 +737,14 @@ class _EpochRunner:
 
     def train_epoch(self, epoch: int) -> bool:
         """Run the rest of `epoch`; False if `stop_after_steps` ended the invocation."""
-        from tqdm.auto import tqdm
+        from xmodal.progress import progress
 
         t, trainer = self.cfg.train, self.trainer
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
-        bar = tqdm(total=self.steps * t.batch_size, initial=self.position.step_in_epoch * t.batch_size,
-                   unit="sample", dynamic_ncols=True, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=not (t.progress and self.is_main), file=sys.stderr)
+        # a bar on a terminal, plain periodic lines in a log file
+        bar = progress(self.steps * t.batch_size, desc=f"epoch {epoch + 1}/{t.epochs}", unit="sample",
+                       enabled=bool(t.progress and self.is_main), initial=self.position.step_in_epoch * t.batch_size)
         it = iter(self._loader(epoch))
         self._t0, self._samples = time.perf_counter(), 0
         try:
