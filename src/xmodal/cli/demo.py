@@ -133,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
                          f"groups that differ only in event order (chance R@1 {100 / len(order_set.visuals):.2f}%)",
                          [_row("zero-shot", 0, zero_shot_order), _row(name, trainable, adapted_order)]))
     table = format_before_after(None, sections)
-    print(f"\nR@K in %, ranks 1-based\n{table}\n")
+    from xmodal.encoding import model_device
+    from xmodal.provenance import describe_run, train_run_record
+
+    run_info = train_run_record(cfg, model, data.eval, adapted, model_device(model), cfg.train.precision)
+    run_info["adapter"] = str(run_dir / "best")
+    print(f"\n{describe_run(run_info)}\nR@K in %, ranks 1-based\n{table}\n")
 
     adapter_bytes = sum(f.stat().st_size for f in (run_dir / "best").iterdir() if f.is_file())
     print(f"[5/6] adapter saved to {run_dir / 'best'}: {adapter_bytes / 1024:.0f} KB "
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                "query": query, "top5": [h.__dict__ for h in hits], "ground_truth": truth,
                "ground_truth_rank": truth_rank, "seconds": round(time.time() - t0, 1),
                "world": json.loads((data_dir / "synth.json").read_text()).get("command"),
-               "machine": _machine()}
+               "machine": _machine(), "run": run_info}
     write_text_atomic(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "demo_table.txt", table + "\n")
     print(f"\ndone in {time.time() - t0:.0f} s on {summary['machine']}; summary in {out / 'demo_summary.json'}")
