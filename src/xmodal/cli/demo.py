@@ -134,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
                          [_row("zero-shot", 0, zero_shot_order), _row(name, trainable, adapted_order)]))
     table = format_before_after(None, sections)
     from xmodal.encoding import model_device
-    from xmodal.provenance import describe_run, train_run_record
+    from xmodal.provenance import adapter_record, describe_run, train_run_record
 
     run_info = train_run_record(cfg, model, data.eval, adapted, model_device(model), cfg.train.precision)
-    run_info["adapter"] = str(run_dir / "best")
+    run_info.update(adapter_record(run_dir / "best"))
     print(f"\n{describe_run(run_info)}\nR@K in %, ranks 1-based\n{table}\n")
 
     adapter_bytes = sum(f.stat().st_size for f in (run_dir / "best").iterdir() if f.is_file())
