@@ -258,9 +258,9 @@ def result_path(args: argparse.Namespace, set_name: str, row: Row, seed: int) ->
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from xmodal.engine.config import write_text_atomic
+    from xmodal.atomic import atomic_write_text
 
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def evaluate_order_subset(cfg, model, root: Path) -> Optional[Dict[str, float]]:
@@ -712,9 +712,9 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
         if order_abl:
             md += ["### ablations, order subset", "", ablation_markdown(order_abl, len(args.seed_list)), ""]
     md += ["### claims (video set, t2v R@1; C3 on the order subset)", "", claims_markdown(verdicts), ""]
-    from xmodal.engine.config import write_text_atomic
+    from xmodal.atomic import atomic_write_text
 
-    write_text_atomic(out / "table.md", "\n".join(md))
+    atomic_write_text(out / "table.md", "\n".join(md))
     _write_json(out / "table.json", report)
     if any(tables.values()):
         bar_chart({s: e for s, e in tables.items() if e}, out / "table.png")

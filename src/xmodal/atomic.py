@@ -42,7 +42,8 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
-def _describe(exc: OSError, path: Path) -> str:
+def describe_write_error(exc: OSError, path: Path) -> str:
+    """One line for an OSError while writing `path` (disk full, permission, a file where a folder belongs ...)."""
     if exc.errno == errno.ENOSPC:
         return f"no space left on device while writing {path}; free space or choose another output folder"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -62,7 +63,7 @@ def ensure_dir(path: PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WriteError(_describe(exc, path)) from None
+        raise WriteError(describe_write_error(exc, path)) from None
     return path
 
 
@@ -75,7 +76,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise WriteError(_describe(exc, path)) from None
+        raise WriteError(describe_write_error(exc, path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -86,7 +87,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise WriteError(_describe(exc, path)) from None
+        raise WriteError(describe_write_error(exc, path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -115,7 +116,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise WriteError(_describe(exc, path)) from None
+        raise WriteError(describe_write_error(exc, path)) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -124,7 +125,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        raise WriteError(_describe(exc, path)) from None
+        raise WriteError(describe_write_error(exc, path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
@@ -156,7 +157,7 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=directory.parent))
     except OSError as exc:
-        raise WriteError(_describe(exc, directory)) from None
+        raise WriteError(describe_write_error(exc, directory)) from None
     try:
         yield tmp
         _chmod_tree(tmp)
@@ -174,7 +175,7 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
             os.replace(tmp, directory)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(_describe(exc, directory)) from None
+        raise WriteError(describe_write_error(exc, directory)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xmodal.atomic import atomic_write_bytes
 from xmodal.errors import CheckpointMismatchError, DataError, XModalError
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -255,34 +255,14 @@ def zero_shot(clip: torch.nn.Module, tokenize: Callable, corpus: Corpus, device:
 
 
 # ------------------------------------------------------------------------------ files
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_json(path: Path, obj) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def _atomic_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     from safetensors.torch import save as st_save
 
-    _atomic_write(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    atomic_write_bytes(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def export_state(clip: torch.nn.Module, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
@@ -427,7 +407,7 @@ def pretrain(cfg: PretrainConfig, command: Optional[str] = None,
         run_state.update({k: saved[k] for k in ("train_seconds", "sessions") if k in saved})
         rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
             if log_path.is_file() else []
-        _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start).encode())
+        atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start).encode())
         echo(f"resumed from step {start} ({pointer})")
     elif log_path.exists():
         log_path.unlink()
@@ -546,7 +526,7 @@ def _release(cfg: PretrainConfig, clip, backbone, held_out: Optional[Corpus], tr
         "history": history,
     }
     _atomic_json(out / "pretrain_summary.json", summary)
-    _atomic_write(out / "MODEL_CARD.md", model_card(summary).encode("utf-8"))
+    atomic_write_bytes(out / "MODEL_CARD.md", model_card(summary).encode("utf-8"))
     echo(f"wrote {out / 'model.safetensors'} ({summary['model_bytes'] / 1e6:.1f} MB), MODEL_CARD.md, "
          f"pretrain_summary.json")
     return summary

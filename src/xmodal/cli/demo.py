@@ -84,7 +84,8 @@ def format_before_after(rows, sections=None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.backbones.factory import create_backbone
-    from xmodal.engine.config import load_config, write_text_atomic
+    from xmodal.atomic import atomic_write_text
+    from xmodal.engine.config import load_config
     from xmodal.engine.evaluate import encode_eval_set, evaluate
     from xmodal.engine.train import build_data, fit, head_from_config
     from xmodal.methods import AdaptedModel
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                "ground_truth_rank": truth_rank, "seconds": round(time.time() - t0, 1),
                "world": json.loads((data_dir / "synth.json").read_text()).get("command"),
                "machine": _machine(), "run": run_info}
-    write_text_atomic(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
-    write_text_atomic(out / "demo_table.txt", table + "\n")
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "demo_table.txt", table + "\n")
     print(f"\ndone in {time.time() - t0:.0f} s on {summary['machine']}; summary in {out / 'demo_summary.json'}")
     return 0

@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from xmodal.atomic import WriteError, atomic_write_text, ensure_dir, file_mode
+from xmodal.atomic import WriteError, atomic_write_text, describe_write_error, ensure_dir, file_mode
 from xmodal.errors import CheckpointMismatchError, XModalError
 
 OPTIM_TENSORS = "optimizer.safetensors"
@@ -188,9 +188,7 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
         with path.open("rb") as f:
             os.fsync(f.fileno())
     except OSError as exc:
-        from xmodal.atomic import _describe
-
-        raise WriteError(_describe(exc, path)) from None
+        raise WriteError(describe_write_error(exc, path)) from None
 
 
 def _read_json(path: Path) -> Any:
@@ -419,10 +417,8 @@ def save_training_checkpoint(
         _discard(previous, final)
         _step("write: done")
     except OSError as exc:
-        from xmodal.atomic import _describe
-
         _cleanup_failed_write(staged)
-        raise WriteError(_describe(exc, staged)) from None
+        raise WriteError(describe_write_error(exc, staged)) from None
     except XModalError:
         _cleanup_failed_write(staged)
         raise

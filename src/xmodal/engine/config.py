@@ -318,9 +318,5 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
 
 def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Kept for callers of the old name: `xmodal.atomic.atomic_write_text`."""
-    atomic_write_text(path, text)

@@ -37,15 +37,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from xmodal.atomic import WriteError, atomic_directory, ensure_dir
-from xmodal.atomic import _describe as _describe_write_error
+from xmodal.atomic import WriteError, atomic_directory, atomic_write_text, describe_write_error, ensure_dir
 from xmodal.backbones.dual_encoder import TEXT, VISION
 from xmodal.engine import distributed as dist_utils
 from xmodal.engine.checkpoint import (
     CheckpointError, capture_rng, describe_missing, find_checkpoint, load_training_checkpoint, read_trainer_state,
     recover_checkpoint, restore_rank_rng, save_training_checkpoint,
 )
-from xmodal.engine.config import RunConfig, TrainConfig, dump_config, write_text_atomic
+from xmodal.engine.config import RunConfig, TrainConfig, dump_config
 from xmodal.engine.evaluate import METRIC_KEYS, evaluate, score_of
 from xmodal.engine.fastpath import CudaGraphStep, make_device_step, prepare_fast_path
 from xmodal.engine.heads import SimilarityHead
@@ -331,7 +330,7 @@ class RunLog:
         w.writeheader()
         for r in rows:
             w.writerow(r)
-        write_text_atomic(self.path, buf.getvalue())
+        atomic_write_text(self.path, buf.getvalue())
 
     def row(self, values: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -344,7 +343,7 @@ class RunLog:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.truncate(self.path, size)  # no half-written row
-            raise WriteError(_describe_write_error(exc, self.path)) from None
+            raise WriteError(describe_write_error(exc, self.path)) from None
         for tracker in self.trackers:
             tracker.log(values)
 
@@ -632,7 +631,7 @@ def fit(
                      "dropped_train_items": len(position.dropped),
                      "run": train_run_record(cfg, model, data.eval, result.final_metrics, info.device,
                                              trainer.precision)}
-            write_text_atomic(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
+            atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
             runlog.provenance(final["run"])
             runlog.close(final)
     finally:
@@ -647,7 +646,7 @@ def _save_best(model, run_dir: Path, metrics: Dict[str, float], epoch: int, scor
         for name in os.listdir(staged / "adapter"):
             os.replace(staged / "adapter" / name, staged / name)
         os.rmdir(staged / "adapter")
-        write_text_atomic(staged / "metrics.json", json.dumps({**metrics, "epoch": epoch, "score": score}, indent=2) + "\n")
+        atomic_write_text(staged / "metrics.json", json.dumps({**metrics, "epoch": epoch, "score": score}, indent=2) + "\n")
 
 
 class SamplerPosition:
