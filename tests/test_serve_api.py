@@ -336,8 +336,14 @@ def test_cli_serve_loads_indices_and_runs_uvicorn(world, monkeypatch, capsys):
     from xmodal.cli import main
 
     got = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: got.update(app=app, host=host, port=port))
+    from xmodal.serve.server import NoDelayH11Protocol
+
+    def fake_run(server, sockets=None):
+        got.update(app=server.config.app, host=server.config.host, port=server.config.port, http=server.config.http)
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     assert main(["serve", *specs(world), "--port", "8123"]) == 0
+    assert (got["host"], got["port"], got["http"]) == ("127.0.0.1", 8123, NoDelayH11Protocol)
     out = capsys.readouterr().out
     assert "loaded 3 indices on 1 backbone(s)" in out and "http://127.0.0.1:8123/" in out
     with TestClient(got["app"]) as c:

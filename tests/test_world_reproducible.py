@@ -39,6 +39,26 @@ def test_two_concurrent_generations_in_separate_processes_are_byte_identical(tmp
     assert a == b
 
 
+def test_clips_filmed_by_worker_processes_are_the_bytes_one_process_writes(tmp_path):
+    from xmodal.synth import write_video_set
+
+    kw = dict(n=12, n_test=3, n_order=4, seed=7, fps=2.0, seconds_per_event=3.0, progress=False)
+    write_video_set(tmp_path / "one", workers=1, **kw)
+    write_video_set(tmp_path / "three", workers=3, **kw)
+    a, b = _digests(tmp_path / "one"), _digests(tmp_path / "three")
+    assert sum(name.endswith(".mp4") for name in a) == 12
+    assert a == b  # clips, captions and per-clip metadata (frame counts included)
+    meta = (tmp_path / "three" / "meta" / "train.jsonl").read_text().splitlines()
+    assert all('"frames": 12' in line for line in meta)  # 2 events x 3 s x 2 fps
+
+
+def test_workers_must_be_positive(tmp_path):
+    from xmodal.synth import write_video_set
+
+    with pytest.raises(XModalError, match="workers=0"):
+        write_video_set(tmp_path, n=4, n_test=1, seed=0, fps=2.0, seconds_per_event=3.0, progress=False, workers=0)
+
+
 def test_colour_conversion_is_bt601_limited_range_with_2x2_chroma():
     frames = np.zeros((1, 4, 4, 3), np.uint8)
     frames[0, :, 2:] = 255  # left half black, right half white

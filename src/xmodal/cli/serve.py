@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from xmodal.errors import XModalError
     from xmodal.serve import create_app, load_indices
+    from xmodal.serve.server import uvicorn_config
 
     if not 0 <= args.port <= 65535:
         raise XModalError(f"--port={args.port}: expected 0..65535")
@@ -52,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {args.host}: anyone who can reach it can query the indices and read their "
               f"media (no authentication)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port)).run()
     return 0

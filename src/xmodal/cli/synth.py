@@ -44,6 +44,9 @@ def register(subparsers) -> None:
             p.add_argument("--captions-train", type=int, default=3)
             p.add_argument("--captions-test", type=int, default=1)
             p.add_argument("--codec", default="auto", help="libx264, mpeg4 or auto")
+            p.add_argument("--workers", type=int, default=None,
+                           help="processes filming and encoding clips (default: one per CPU, at most 8); "
+                                "the files are the same bytes for any number")
         else:
             p.add_argument("--captions", type=int, default=2 if kind == "images" else 5,
                            help="captions per image")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         summary = world.write_video_set(
             args.out, fps=args.fps, seconds_per_event=args.seconds_per_event, events=args.events,
             group_size=args.group_size, captions_train=args.captions_train, captions_test=args.captions_test,
-            codec=args.codec, n_order=args.split_order, **common)
+            codec=args.codec, n_order=args.split_order, workers=args.workers, **common)
     elif args.kind == "images":
         summary = world.write_image_corpus(args.out, captions_per_image=args.captions, **common)
     else:

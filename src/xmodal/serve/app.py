@@ -33,7 +33,7 @@ from xmodal.serve.schemas import (KnnRequest, MetadataEntry, MetadataRequest, Se
                                   SearchResponse)
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_CANDIDATES = 100
+DEFAULT_CANDIDATES = 1000
 MAX_IMAGE_PIXELS = 40_000_000
 #: clip-retrieval request switches that xmodal accepts and does not apply (reported in a header)
 IGNORED_KNN_FIELDS = ("deduplicate", "use_safety_model", "use_violence_detector", "aesthetic_score",

@@ -106,12 +106,13 @@ def live_server(app, timeout: float = 30.0) -> Iterator[str]:
     """Yield the base URL (http://127.0.0.1:PORT) while the server runs; stop it afterwards."""
     import uvicorn
 
+    from xmodal.serve.server import uvicorn_config
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=30)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, lifespan="off", timeout_keep_alive=30))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -67,7 +67,7 @@ class SearchRequest(BaseModel):
     image: Optional[str] = Field(None, max_length=MAX_IMAGE_BASE64, description="base64 image query instead of text")
     k: int = Field(10, ge=1, le=MAX_RESULTS)
     candidates: Optional[int] = Field(None, ge=1, le=MAX_CANDIDATES,
-                                      description="FAISS candidates re-ranked by the pooling head (default 100)")
+                                      description="FAISS candidates re-ranked by the pooling head (default 1000)")
     exact: bool = Field(False, description="score every item with the pooling head (no FAISS shortlist)")
 
 

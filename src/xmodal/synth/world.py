@@ -252,7 +252,7 @@ def _target_look(rng: np.random.Generator, events: int, image_size: int):
 def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, seed: int = 0, image_size: int = 64,
                     fps: float = 4.0, seconds_per_event: float = 4.0, events: int = 2, group_size: int = 4,
                     captions_train: int = 3, captions_test: int = 1, codec: str = "auto", n_order: int = 0,
-                    progress: bool = True, command: Optional[str] = None) -> Dict:
+                    progress: bool = True, command: Optional[str] = None, workers: Optional[int] = None) -> Dict:
     """The downstream video-text world: `n` clips, `n_test` in test.jsonl, `n_order` in test_order.jsonl.
 
     Every clip is filmed in the target look (`_target_look`) and captioned in the target
@@ -261,6 +261,11 @@ def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, see
     events swapped in order and/or one event played backwards) that only time tells apart.
     Training mixes both kinds in the test's proportion; a group never straddles a split.
     Each clip lasts `events * seconds_per_event` seconds at `fps`.
+
+    Stories, captions and ids are drawn first, in order, in this process; the clips are then
+    filmed and encoded by `workers` processes (default: one per CPU, at most 8). Every clip depends
+    on its own story and camera only and is encoded single-threaded, so the files are the same
+    bytes whatever the number of workers.
     """
     n_train = _check_sizes(n, n_test, "videos", n_order)
     if not 1 <= events <= 3:
@@ -289,30 +294,64 @@ def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, see
                     break
                 item_id = f"{split}-{g:05d}-{v}"
                 rel = f"videos/{split}/{item_id}.mp4"
-                frames = film(ev.render_clip(story, fps, seconds_per_event, image_size), camera)
-                atomic_write_bytes(out / rel, mp4_bytes(frames, fps, codec))
                 row = {"id": item_id, "video": rel,
                        "captions": ev.story_captions(story, rng, n_caps, register="target"),
                        "descriptions": ev.story_descriptions(story, seconds_per_event)}
                 meta = {"id": item_id, "group": g, "variant": variant, "story": story.to_dict(),
-                        "camera": camera.to_dict(), "fps": fps, "seconds_per_event": seconds_per_event,
-                        "frames": int(frames.shape[0])}
+                        "camera": camera.to_dict(), "fps": fps, "seconds_per_event": seconds_per_event}
                 made += 1
-                bar.update(1)
-                yield row, meta
+                yield row, meta, (str(out / rel), story, camera, fps, seconds_per_event, image_size, codec)
             g += 1
 
-    splits = {}
+    splits, jobs = {}, []
     for split, count, caps in (("test", n_test, captions_test), ("test_order", n_order, captions_test),
                                ("train", n_train, captions_train)):
         if count == 0:
             continue
-        rows, meta = zip(*items(split, count, caps))
+        rows, meta, clip_jobs = zip(*items(split, count, caps))
         splits[split] = (list(rows), list(meta))
+        jobs += clip_jobs
+    metas = [m for _, split_meta in splits.values() for m in split_meta]
+    for m, n_frames in zip(metas, _film_all(jobs, workers, bar)):
+        m["frames"] = n_frames
     bar.close()
     return _finish(out, "videos", splits, t0, command, seed=seed, image_size=image_size, fps=fps,
                    seconds_per_event=seconds_per_event, events=events, group_size=group_size,
                    captions_train=captions_train, captions_test=captions_test, codec=codec)
+
+
+def _film_clip(job) -> int:
+    """Film, encode and write one clip (a worker's unit of work); returns its frame count."""
+    path, story, camera, fps, seconds_per_event, image_size, codec = job
+    frames = film(ev.render_clip(story, fps, seconds_per_event, image_size), camera)
+    atomic_write_bytes(Path(path), mp4_bytes(frames, fps, codec))
+    return int(frames.shape[0])
+
+
+def _film_all(jobs: Sequence[tuple], workers: Optional[int], bar) -> List[int]:
+    """Every clip's frame count, in order; clips filmed in `workers` processes (1: this one)."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise XModalError(f"workers={workers}: expected >= 1")
+    if workers == 1 or len(jobs) < 2 * workers:
+        counts = []
+        for job in jobs:
+            counts.append(_film_clip(job))
+            bar.update(1)
+        return counts
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork where there is one (as DataLoader workers): the children only run numpy and the encoder, and,
+    # unlike spawn, fork does not re-import the caller's main module
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        counts = []
+        for n_frames in pool.map(_film_clip, jobs, chunksize=8):
+            counts.append(n_frames)
+            bar.update(1)
+    return counts
 
 
 # ----------------------------------------------------------------- shifted image set
