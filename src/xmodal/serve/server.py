@@ -1,13 +1,15 @@
 """Running the app under uvicorn with Nagle's algorithm off on every connection.
 
 uvicorn's h11 protocol writes a response's headers and its body as two separate socket writes.
-asyncio only disables Nagle (TCP_NODELAY) on sockets whose protocol number is IPPROTO_TCP, and a
-listening socket made with `socket.socket()` (uvicorn's own `bind_socket`, or a socket handed to
-`Server.run(sockets=...)`) has protocol 0, so its connections keep Nagle on: the body then waits
-for the client's delayed ACK of the headers, 40 ms on Linux, on every keep-alive request after
-the first few. Measured on 127.0.0.1 with a 6 KB JSON response: 64 ms per request with Nagle,
-21 ms without (the handler itself takes 20 ms). `NoDelayH11Protocol` turns Nagle off when a
-connection is made, whatever created the socket.
+asyncio only disables Nagle (TCP_NODELAY) on sockets whose protocol number is IPPROTO_TCP. When
+uvicorn binds host:port itself, asyncio makes the socket and all is well; but a listening socket
+made with `socket.socket()` has protocol 0 (uvicorn's `bind_socket`, used for several workers or --reload,
+or a socket handed to `Server.run(sockets=...)`, as `loadtest.live_server` does), and its
+connections keep Nagle on: the body then waits for the client's delayed ACK of the headers, 40 ms
+on Linux, on every keep-alive request after the first few. Measured on 127.0.0.1 with a 6 KB JSON
+response and a 20 ms handler: 64 ms per request on such a socket, 21 ms with TCP_NODELAY (and 21 ms
+when uvicorn binds host:port). `NoDelayH11Protocol` turns Nagle off when a connection is made,
+whatever created the socket.
 """
 
 from __future__ import annotations
