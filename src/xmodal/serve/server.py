@@ -3,7 +3,7 @@
 uvicorn's h11 protocol writes a response's headers and its body as two separate socket writes.
 asyncio only disables Nagle (TCP_NODELAY) on sockets whose protocol number is IPPROTO_TCP. When
 uvicorn binds host:port itself, asyncio makes the socket and all is well; but a listening socket
-made with `socket.socket()` has protocol 0 (uvicorn's `bind_socket`, used for several workers or --reload,
+made with `socket.socket()` has protocol 0 (uvicorn's `bind_socket`, used for several workers or reload mode,
 or a socket handed to `Server.run(sockets=...)`, as `loadtest.live_server` does), and its
 connections keep Nagle on: the body then waits for the client's delayed ACK of the headers, 40 ms
 on Linux, on every keep-alive request after the first few. Measured on 127.0.0.1 with a 6 KB JSON
