@@ -442,25 +442,6 @@ def _up_to_date(cache: FrameCache, job: Dict[str, Any]) -> bool:
     return same and (cache.root / entry["dir"]).is_dir()
 
 
-def _run_jobs(jobs: List[Dict[str, Any]], workers: int) -> Iterable[Dict[str, Any]]:
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _extract_one(job)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
-        futures = [pool.submit(_extract_one, job) for job in jobs]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
-
-
 def _rate(count: float, seconds: float) -> Optional[float]:
     return round(count / seconds, 3) if seconds > 0 else None
 
@@ -561,6 +542,7 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
     if fmt not in LOSSLESS_FORMATS:
         echo(f"note: --format {fmt} is lossy: evaluations from this cache differ from decoding")
 
+    from xmodal.process_map import process_map
     from xmodal.progress import progress as progress_bar
 
     extracted = frames_written = 0
@@ -571,7 +553,7 @@ def extract_frames(items: Iterable[Any], out: str | os.PathLike, *, num_frames: 
     began = last_save = time.perf_counter()
     bar = progress_bar(len(jobs), desc="extract-frames", unit="clip", enabled=bool(progress))
     try:
-        for result in _run_jobs(jobs, workers):
+        for result in process_map(_extract_one, jobs, workers, ordered=False):
             bar.update(1)
             decode_seconds += result["seconds"]
             if result["ok"]:

@@ -35,6 +35,7 @@ from PIL import Image
 
 from xmodal.atomic import atomic_write_bytes, atomic_write_text
 from xmodal.errors import XModalError
+from xmodal.process_map import process_map
 from xmodal.synth import captions as phr
 from xmodal.synth import events as ev
 from xmodal.synth.camera import film, sample_camera
@@ -276,6 +277,9 @@ def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, see
         raise XModalError(f"--fps={fps}, --seconds-per-event={seconds_per_event}: expected fps > 0 and >= 1 s per event")
     if image_size % 4:
         raise XModalError(f"--image-size={image_size}: expected a multiple of 4 (YUV 4:2:0 video)")
+    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise XModalError(f"--workers={workers}: expected >= 1")
     codec = available_video_codec(codec)
     out = Path(out)
     t0 = time.time()
@@ -328,29 +332,12 @@ def _film_clip(job) -> int:
     return int(frames.shape[0])
 
 
-def _film_all(jobs: Sequence[tuple], workers: Optional[int], bar) -> List[int]:
-    """Every clip's frame count, in order; clips filmed in `workers` processes (1: this one)."""
-    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
-    if workers < 1:
-        raise XModalError(f"workers={workers}: expected >= 1")
-    if workers == 1 or len(jobs) < 2 * workers:
-        counts = []
-        for job in jobs:
-            counts.append(_film_clip(job))
-            bar.update(1)
-        return counts
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # fork where there is one (as DataLoader workers): the children only run numpy and the encoder, and,
-    # unlike spawn, fork does not re-import the caller's main module
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        counts = []
-        for n_frames in pool.map(_film_clip, jobs, chunksize=8):
-            counts.append(n_frames)
-            bar.update(1)
+def _film_all(jobs: Sequence[tuple], workers: int, bar) -> List[int]:
+    """Every clip's frame count, in order; clips filmed in `workers` processes (this one for few clips)."""
+    counts = []
+    for n_frames in process_map(_film_clip, jobs, workers if len(jobs) >= 2 * workers else 1, chunksize=8):
+        counts.append(n_frames)
+        bar.update(1)
     return counts
 
 
