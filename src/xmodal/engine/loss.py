@@ -82,10 +82,7 @@ def contrastive_loss(
     logits_t2v = scale * head(text, all_frames, all_mask, max_bytes=None)          # (n, N)
     logits_v2t = scale * head(all_text, frames, frame_mask, max_bytes=None).t()    # (n, N)
     # sum over this rank's rows, normalised so that the mean over ranks is the global mean
-    weight = len(sizes) / total
-    t2v = F.cross_entropy(logits_t2v, labels, reduction="sum") * weight
-    v2t = F.cross_entropy(logits_v2t, labels, reduction="sum") * weight
-    return LossOutput((t2v + v2t) / 2, t2v.detach(), v2t.detach(), logits_t2v.detach(), scale.detach())
+    return _symmetric_loss(logits_t2v, logits_v2t, labels, len(sizes) / total, scale)
 
 
 def _padded_contrastive_loss(text, frames, frame_mask, head: SimilarityHead, logit_scale,
@@ -102,9 +99,9 @@ def _padded_contrastive_loss(text, frames, frame_mask, head: SimilarityHead, log
     feats = torch.cat([text.float().unsqueeze(1), frames.float()], dim=1)
     feats = F.pad(feats, (0, 0, 0, max_frames - f, 0, max_rows - n))                   # (R, 1+Fmax, D)
     # and one without: [row is real, frame mask], padding rows and frames False
-    flags = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=dev), frame_mask.to(torch.bool)], dim=1)
-    flags = torch.cat([flags, flags.new_zeros(n, max_frames - f)], dim=1)
-    flags = torch.cat([flags, flags.new_zeros(max_rows - n, 1 + max_frames)], dim=0)    # (R, 1+Fmax)
+    flags = torch.zeros(max_rows, 1 + max_frames, dtype=torch.bool, device=dev)         # (R, 1+Fmax)
+    flags[:n, 0] = True
+    flags[:n, 1:1 + f] = frame_mask.to(torch.bool)
     all_feats = dist_utils.gather_with_grad(feats)                                       # (W*R, 1+Fmax, D)
     all_flags = dist_utils.gather_no_grad(flags)
     all_text, all_frames = all_feats[:, 0], all_feats[:, 1:]
@@ -116,7 +113,12 @@ def _padded_contrastive_loss(text, frames, frame_mask, head: SimilarityHead, log
     logits_t2v = (scale * head(text, all_frames, all_mask, max_bytes=None)).masked_fill(padding, float("-inf"))
     logits_v2t = (scale * head(all_text, frames, frame_mask, max_bytes=None).t()).masked_fill(padding, float("-inf"))
     # sum over this rank's (real) rows; the mean over ranks is the mean over all real rows
-    weight = dist_utils.world_size() / valid.sum().to(torch.float32)
+    return _symmetric_loss(logits_t2v, logits_v2t, labels, dist_utils.world_size() / valid.sum().to(torch.float32),
+                           scale)
+
+
+def _symmetric_loss(logits_t2v, logits_v2t, labels, weight, scale) -> LossOutput:
+    """Both directions' summed cross-entropy on this rank's rows, times `weight`, averaged."""
     t2v = F.cross_entropy(logits_t2v, labels, reduction="sum") * weight
     v2t = F.cross_entropy(logits_v2t, labels, reduction="sum") * weight
     return LossOutput((t2v + v2t) / 2, t2v.detach(), v2t.detach(), logits_t2v.detach(), scale.detach())
