@@ -24,7 +24,6 @@ for a FAISS index over the same vectors at the same K.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -95,11 +94,13 @@ def main(argv=None) -> int:
         "command": "python benchmarks/candidate_proxies.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
                    f"{time.strftime('%Y-%m-%d', time.gmtime())}",
+        "model": "xmodal-tiny --pretrained xmodal (features and queries from benchmarks/search_speed.py's cache)",
         "gallery": {"videos": n, "frames": int(feats.shape[1]), "how": "benchmarks/search_speed.py grow_gallery, seed 0"},
         "queries": len(text), "tau": tau, "recall@10_of_top_K": table, "seconds": round(time.perf_counter() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from xmodal.atomic import atomic_write_json
+
+    atomic_write_json(args.out, result)
     print(f"{n} videos, {len(text)} queries: recall@10 of the exact top-K by each candidate score")
     print(f"{'score':<18}" + "".join(f"{'K=' + str(k):>10}" for k in ks))
     for name, row in table.items():

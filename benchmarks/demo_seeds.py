@@ -86,8 +86,9 @@ def main(argv=None) -> int:
         "run": runs[0].get("run"), "main": main_set, "order_subset": order,
         "verdict": all(v["gain_exceeds_spread"] for v in main_set.values()),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from xmodal.atomic import atomic_write_json
+
+    atomic_write_json(args.out, result)
     print(format_table(result))
     return 0
 
