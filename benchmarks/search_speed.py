@@ -4,10 +4,14 @@
     python benchmarks/search_speed.py --sizes 100000 --queries 50
 
 What is measured. A gallery of N videos x 12 frames (float16, as `xmodal index` stores it) is
-searched with text queries the way `GalleryIndex.search` does it: FAISS finds K candidates over the
-L2-normalised mean-pooled videos (K in --candidates, for each FAISS factory in --factories), the
-K candidates are re-scored exactly with text-conditioned pooling (tau = 5, the head's default),
-top 10 kept. The reference is the exact text-conditioned score of EVERY video for every query,
+searched with text queries the way `GalleryIndex.search` does it, with one of two first stages:
+  - top-K: FAISS finds K candidates (K in --candidates) over the L2-normalised mean-pooled videos or
+    over every frame (a video scores its best frame), for each index in --configs;
+  - lists (`probe=P` in --configs, IVF indices): every video with a frame in the P IVF lists that
+    hold the query's best-matching frames is a candidate (`xmodal.ivf_lists`); K is then the mean
+    number of videos re-ranked;
+then the candidates are re-scored exactly with text-conditioned pooling (tau = 5, the head's
+default; Gram matrices cached beforehand, as `xmodal serve` does on load), top 10 kept. The reference is the exact text-conditioned score of EVERY video for every query,
 computed once per query set in chunks of 16384 videos. Reported per (index, K): p50 / p99
 latency of one query at a time (FAISS + re-rank; text encoding is measured separately) on
 --threads CPU threads, and recall@10 = |two-stage top-10 & exact top-10| / 10, averaged over queries.
@@ -61,9 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, nargs="+", default=[50, 200, 1000])
     p.add_argument("--configs", nargs="+", default=[
         "mean/Flat", "mean/HNSW32/efSearch=auto", "mean/IVF1024,PQ32/nprobe=32",
-        "frames/Flat", "frames/IVF1024,PQ64/nprobe=32|nprobe=128"],
+        "frames/Flat", "frames/IVF1024,PQ64/nprobe=32|nprobe=32+probe=8|nprobe=32+probe=16|nprobe=32+probe=32"],
         help="VECTORS/FACTORY[/PARAMS[|PARAMS...]]: candidate vectors (mean-pooled or every frame), FAISS factory "
-             "string, search parameter sets tried on the same index (efSearch=auto: max(64, vectors fetched))")
+             "string, search parameter sets tried on the same index (efSearch=auto: max(64, vectors fetched); "
+             "probe=P: whole IVF lists instead of a top-K, e.g. nprobe=128+probe=128)")
     p.add_argument("--train-size", type=int, default=65536, help="IVF/PQ training sample")
     p.add_argument("--clips", type=int, default=320, help="real clips generated and encoded")
     p.add_argument("--threads", type=int, default=2, help="threads of the offline parts (gallery, exact scores, builds)")
@@ -237,26 +242,36 @@ def run_size(n: int, real, queries, args, log) -> Dict[str, Any]:
         log(f"[{n}] {vectors}/{factory} built in {t_build:.0f} s")
         torch.set_num_threads(args.query_threads)
         faiss.omp_set_num_threads(args.query_threads)
-        for setting, k in [(st, k) for st in settings for k in args.candidates]:
-            params = setting
+        gi.prepare(head)  # the Gram matrices every re-rank reads, computed before timing (as `xmodal serve` does)
+        plan = [(st, k) for st in settings for k in ([None] if "probe=" in st.replace("nprobe=", "") else args.candidates)]
+        for setting, k in plan:
+            parts = setting.split("+")  # e.g. nprobe=128+probe=128: FAISS parameters + lists read whole
+            probe = next((int(x.split("=", 1)[1]) for x in parts if x.startswith("probe=")), None)
+            params = ",".join(x for x in parts if x and not x.startswith("probe="))
             if setting.startswith("efSearch=auto"):
                 fetched = k * (gi.frame_oversample if vectors == "frames" else 1)
                 params = f"efSearch={max(64, fetched)}"
             if params:
                 faiss.ParameterSpace().set_index_parameters(gi.faiss, params)
-            gi.search(queries[:1], k=10, rerank=head, candidates=k)  # warm-up
-            times, recalls = [], []
+            kw = {"probe": probe} if probe else {"candidates": k}
+            gi.search(queries[:1], k=10, rerank=head, **kw)  # warm-up (reads the lists' members once)
+            times, recalls, counts = [], [], []
             for q in range(len(queries)):
-                t = time.perf_counter()
-                hits = gi.search(queries[q:q + 1], k=10, rerank=head, candidates=k)[0]
+                t, stats = time.perf_counter(), {}
+                hits = gi.search(queries[q:q + 1], k=10, rerank=head, stats=stats, **kw)[0]
                 times.append(time.perf_counter() - t)
                 recalls.append(len({h.row for h in hits} & set(truth[q].tolist())) / 10)
-            run = {"vectors": vectors, "factory": factory, "params": params, "K": k, "build_s": round(t_build, 1),
+                counts.append(stats["candidates"][0])
+            run = {"vectors": vectors, "factory": factory, "params": setting if probe else params,
+                   "K": int(np.mean(counts)) if probe else k, "build_s": round(t_build, 1),
                    "p50_ms": round(1000 * percentile(times, 50), 2), "p99_ms": round(1000 * percentile(times, 99), 2),
-                   "recall@10": round(float(np.mean(recalls)), 4)}
+                   "recall@10": round(float(np.mean(recalls)), 4), "recall@10_min": round(float(np.min(recalls)), 2)}
+            if probe:
+                run["candidates"] = "lists"
+                run["K_max"] = int(np.max(counts))
             record["runs"].append(run)
-            log(f"[{n}] {vectors:6s} {factory:16s} {params:14s} K={k:5d}  p50 {run['p50_ms']:8.2f} ms  "
-                f"p99 {run['p99_ms']:8.2f} ms  recall@10 {run['recall@10']:.3f}")
+            log(f"[{n}] {vectors:6s} {factory:16s} {run['params']:14s} K={run['K']:6d}  p50 {run['p50_ms']:8.2f} ms  "
+                f"p99 {run['p99_ms']:8.2f} ms  recall@10 {run['recall@10']:.3f} (min {run['recall@10_min']:.1f})")
         del gi
     (CACHE / f"gallery_{n}.npy").unlink(missing_ok=True)
     return record
@@ -314,15 +329,16 @@ def main(argv=None) -> int:
 
 def print_table(result: Dict[str, Any]) -> None:
     print(f"\n{result['machine']}; text encoding p50 {result['text_encode_ms_p50']} ms (not included below)")
-    print(f"{'videos':>9} {'vectors':7} {'index':16} {'params':14} {'K':>5} {'p50 ms':>9} {'p99 ms':>9} {'R@10':>6}")
+    print(f"{'videos':>9} {'vectors':7} {'index':16} {'params':14} {'K':>6} {'p50 ms':>9} {'p99 ms':>9} {'R@10':>6}"
+          "   (probe=P rows: K = mean videos re-ranked)")
     for size in result["sizes"]:
         for r in size["runs"]:
             if "error" in r:
                 print(f"{size['videos']:>9} {r['vectors']:7} {r['factory']:16} error: {r['error']}")
                 continue
-            print(f"{size['videos']:>9} {r['vectors']:7} {r['factory']:16} {r['params']:14} {r['K']:>5} "
+            print(f"{size['videos']:>9} {r['vectors']:7} {r['factory']:16} {r['params']:14} {r['K']:>6} "
                   f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['recall@10']:>6.3f}")
-        print(f"{size['videos']:>9} {'-':7} {'exact scan':16} {'':14} {'all':>5} {size['exact_one_query_ms_p50']:>9.1f} "
+        print(f"{size['videos']:>9} {'-':7} {'exact scan':16} {'':14} {'all':>6} {size['exact_one_query_ms_p50']:>9.1f} "
               f"{'':>9} {1.0:>6.3f}")
 
 

@@ -397,3 +397,32 @@ def test_cors_is_off_by_default_and_opt_in(world):
         assert r.headers["access-control-allow-origin"] == "http://front.example"
         other = c.options("/knn-service", headers={**pre, "Origin": "http://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+# ----------------------------------------------------------------------------- /search over IVF lists
+def test_search_probes_ivf_lists_by_default_and_on_request(world, tmp_path):
+    """An IVF frame index records a probe; /search then re-ranks every member of the probed lists
+    (all lists: the exact ranking), and refuses probe with candidates or on a non-IVF index."""
+    from xmodal.retrieval_index import GalleryIndex
+    from xmodal.serve import build_app
+
+    src = GalleryIndex.load(world["ada"])
+    ivf = GalleryIndex(src.frame_features, src.frame_mask, src.ids, src.media, dict(src.meta), captions=src.captions,
+                       faiss_factory="IVF2,Flat", candidate_vectors="frames", faiss_probe=2,
+                       faiss_train_size=len(src.frame_vectors))
+    ivf.save(tmp_path / "ivf")
+    assert GalleryIndex.load(tmp_path / "ivf").default_probe == 2
+    text = "cars drive through a busy street"
+    _, _, scores = _brute_force(world, "ada", text)
+    want = [src.ids[i] for i in torch.argsort(scores, descending=True).tolist()]
+    with TestClient(build_app([f"ivf={tmp_path / 'ivf'}", f"flat={world['ada']}"])) as c:
+        default = c.post("/search", json={"index": "ivf", "query": text, "k": 6}).json()
+        assert [h["id"] for h in default["hits"]] == want
+        assert default["candidates"] == len(want)  # both lists hold every item
+        one = c.post("/search", json={"index": "ivf", "query": text, "k": 6, "probe": 1}).json()
+        assert 1 <= one["candidates"] <= len(want) and len(one["hits"]) == min(6, one["candidates"])
+        both = c.post("/search", json={"index": "ivf", "query": text, "probe": 1, "candidates": 3})
+        assert both.status_code == 422 and "at most one of 'probe'" in both.json()["detail"]
+        flat = c.post("/search", json={"index": "flat", "query": text, "probe": 1})
+        assert flat.status_code == 422 and "needs an IVF index" in flat.json()["detail"]
+        assert c.post("/search", json={"index": "ivf", "query": text, "probe": 3}).status_code == 422

@@ -49,11 +49,18 @@ FORMAT_VERSION = 2
 FLAT_LIMIT = 100_000
 #: factories used at FLAT_LIMIT items and above, per candidate vectors (benchmarks/search_speed.py)
 LARGE_FACTORY = {"mean": "HNSW32", "frames": "IVF1024,PQ64"}
+#: frame indices of galleries this large get 4096 lists (~3000 frames a list at 1M videos x 12 frames)
+HUGE_ITEMS, HUGE_FRAME_FACTORY = 500_000, "IVF4096,PQ64"
 #: IVF lists probed per query unless --faiss-params says otherwise (FAISS's own default, 1, misses most)
 DEFAULT_NPROBE = 32
+#: IVF frame indices read 1/PROBE_SHARE of their lists whole by default (`search(probe=...)`), and FAISS
+#: searches at least as many lists to choose them: 32 of 1024, 128 of 4096 (benchmarks/search_speed.py)
+PROBE_SHARE = 32
 #: features files above this size are memory-mapped on load (mmap=None)
 MMAP_ABOVE_BYTES = 256 * 2**20
 _ROWS_PER_CHUNK = 16384
+#: items re-ranked per block (a few MB of float32 frames: fits the cache, see `GalleryIndex._gather`)
+_RERANK_ROWS = 2048
 
 Rerank = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -212,7 +219,14 @@ def text_conditioned_scores(text: torch.Tensor, frames: torch.Tensor, mask: Opti
 
 # --------------------------------------------------------------------- FAISS
 def default_factory(n_items: int, vectors: str = "mean") -> str:
-    return "Flat" if n_items < FLAT_LIMIT else LARGE_FACTORY[vectors]
+    if n_items < FLAT_LIMIT:
+        return "Flat"
+    return HUGE_FRAME_FACTORY if vectors == "frames" and n_items >= HUGE_ITEMS else LARGE_FACTORY[vectors]
+
+
+def default_probe(nlist: int) -> int:
+    """Lists read whole per query by default on an IVF index of `nlist` lists."""
+    return max(1, nlist // PROBE_SHARE)
 
 
 def training_points_needed(factory: str) -> int:
@@ -274,7 +288,7 @@ def build_faiss(vectors, factory: Optional[str] = None, train_size: Optional[int
     for start in range(0, n, 262144):
         index.add(np.ascontiguousarray(vectors[start:start + 262144]))
     if not search_params and faiss.try_extract_index_ivf(index) is not None:
-        search_params = f"nprobe={DEFAULT_NPROBE}"
+        search_params = f"nprobe={max(DEFAULT_NPROBE, default_probe(faiss.extract_index_ivf(index).nlist))}"
     if search_params:
         set_search_params(index, search_params)
         info["search_params"] = search_params
@@ -377,7 +391,7 @@ class GalleryIndex:
                  faiss_factory: Optional[str] = None, faiss_train_size: Optional[int] = None,
                  faiss_params: Optional[str] = None, faiss_index: Optional[faiss.Index] = None,
                  candidate_vectors: Optional[str] = None, frame_oversample: Optional[int] = None,
-                 check: bool = True, seed: int = 0):
+                 faiss_probe: Optional[int] = None, check: bool = True, seed: int = 0):
         if frame_features.dim() != 3 or frame_mask.shape != frame_features.shape[:2]:
             raise XModalError(
                 f"gallery features must be (N, F, D) with a (N, F) mask, got {tuple(frame_features.shape)} "
@@ -403,6 +417,8 @@ class GalleryIndex:
                 raise XModalError(f"gallery features of item {row} ({self.ids[row]!r}) {why}; "
                                   f"an index is never built from such features: re-encode the item or drop it")
         self._pooled_cache: Optional[np.ndarray] = None
+        self._gram_cache: Optional[Tuple[bool, torch.Tensor]] = None
+        self._list_members = None
         self._frame_vectors: Optional[FrameVectors] = None
         stored = (self.meta.get("faiss") or {}) if faiss_index is not None else {}
         self.candidate_vectors = candidate_vectors or stored.get("vectors") or (
@@ -416,12 +432,26 @@ class GalleryIndex:
                                             default_for=len(self), vectors_kind=self.candidate_vectors)
             info.update(vectors=self.candidate_vectors, frame_oversample=self.frame_oversample)
             self.meta["faiss"] = info
+            if faiss_probe is None and self.candidate_vectors == "frames" and \
+                    faiss.try_extract_index_ivf(faiss_index) is not None:
+                faiss_probe = default_probe(faiss.extract_index_ivf(faiss_index).nlist)
         else:
             want = len(self) if self.candidate_vectors == "mean" else len(self.frame_vectors)
             if faiss_index.ntotal != want or faiss_index.d != self.dim:
                 raise XModalError(f"FAISS index holds {faiss_index.ntotal} vectors of dim {faiss_index.d}, the "
                                   f"gallery has {want} {self.candidate_vectors} vectors of dim {self.dim}")
         self.faiss = faiss_index
+        if faiss_probe is not None:
+            from xmodal.ivf_lists import check_probe
+
+            self.meta.setdefault("faiss", {})["probe"] = check_probe(faiss_index, faiss_probe)
+
+    @property
+    def default_probe(self) -> Optional[int]:
+        """IVF lists whose every member the search re-ranks unless told otherwise (`xmodal index
+        --probe`; recorded in gallery.json), or None: FAISS top-K candidates."""
+        probe = (self.meta.get("faiss") or {}).get("probe")
+        return int(probe) if probe else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -521,17 +551,80 @@ class GalleryIndex:
         return out
 
     def _grams(self, rerank: Rerank, start: int, stop: int) -> Optional[torch.Tensor]:
-        """Cached frame Gram matrices for exact text-conditioned scoring (N x F x F float32, computed once)."""
+        table = self._gram_table(rerank)
+        return None if table is None else table[start:stop]
+
+    def _gram_table(self, rerank: Optional[Rerank], compute: bool = True) -> Optional[torch.Tensor]:
+        """Frame Gram matrices of every item for exact text-conditioned scoring (N x F x F float32,
+        computed once, e.g. 576 MB at 1M videos x 12 frames); None for other heads, or when not yet
+        computed and `compute` is False."""
         if getattr(rerank, "pooling", None) != "text_conditioned" or not hasattr(rerank, "normalize"):
             return None
         key = bool(rerank.normalize)
-        if getattr(self, "_gram_cache", None) is None or self._gram_cache[0] != key:
+        if self._gram_cache is None or self._gram_cache[0] != key:
+            if not compute:
+                return None
             n, f = self.frame_mask.shape
             gram = torch.empty(n, f, f)
-            for a in range(0, n, _ROWS_PER_CHUNK):
-                gram[a:a + _ROWS_PER_CHUNK] = frame_gram(self.frame_features[a:a + _ROWS_PER_CHUNK], key)
+            with torch.no_grad():
+                for a in range(0, n, _ROWS_PER_CHUNK):
+                    gram[a:a + _ROWS_PER_CHUNK] = frame_gram(self.frame_features[a:a + _ROWS_PER_CHUNK], key)
             self._gram_cache = (key, gram)
-        return self._gram_cache[1][start:stop]
+        return self._gram_cache[1]
+
+    def prepare(self, rerank: Optional[Rerank]) -> None:
+        """Compute what searching with `rerank` caches (Gram matrices; the IVF lists' members when the
+        index reads lists by default), so no query pays for it."""
+        self._gram_table(rerank)
+        if self.default_probe:
+            self.list_members
+
+    def score_rows(self, text_features: torch.Tensor, rows: torch.Tensor,
+                   rerank: Optional[Rerank] = None) -> torch.Tensor:
+        """Exact scores (Q, len(rows)) of some items, in blocks (cosine with the mean-pooled vector
+        when no head is given); sorted rows read the features in order. Gram matrices come from the
+        cache when `prepare` (or an exact scan) has filled it, else are computed for these rows."""
+        text = self._query(text_features)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rerank is None:
+            unit = torch.nn.functional.normalize(text, dim=-1)
+            return unit @ torch.from_numpy(self.pooled[rows.numpy()]).t()
+        gram = self._gram_table(rerank, compute=False)
+        out = torch.empty(text.shape[0], len(rows))
+        for a in range(0, len(rows), _RERANK_ROWS):
+            r = rows[a:a + _RERANK_ROWS]
+            out[:, a:a + len(r)] = self._rerank(rerank, text, self._gather(r), self.frame_mask[r],
+                                                None if gram is None else gram[r])
+        return out
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Frame features of `rows` as float32. Each item's frames are copied as one block of 8-byte
+        words (torch's element-wise float16 indexing is ~3x slower); small blocks of rows keep the
+        copies in cache (measured: 50k of 300k videos re-ranked in 103 ms instead of 330 ms)."""
+        feats = self.frame_features
+        n, f, d = feats.shape
+        words = f * d * feats.element_size()
+        if feats.is_contiguous() and words % 8 == 0 and feats.data_ptr() % 8 == 0:
+            block = feats.view(n, f * d).view(torch.int64).index_select(0, rows)
+            return block.view(feats.dtype).view(len(rows), f, d).float()
+        return feats[rows].float()
+
+    @property
+    def list_members(self):
+        """Item rows of each IVF list of the candidate index (`xmodal.ivf_lists.ListMembers`), read once."""
+        if self._list_members is None:
+            from xmodal.ivf_lists import ListMembers
+
+            owner = self.frame_vectors.owner if self.candidate_vectors == "frames" else None
+            self._list_members = ListMembers(self.faiss, owner)
+        return self._list_members
+
+    def probe_candidates(self, text_features: torch.Tensor, probe: int) -> List[np.ndarray]:
+        """Per query, the sorted rows of every item with a candidate vector in the `probe` IVF lists
+        chosen for it (`xmodal.ivf_lists`: the lists of its best-matching vectors; no top-K cut)."""
+        text = torch.nn.functional.normalize(self._query(text_features), dim=-1).numpy()
+        members = self.list_members
+        return [members.members(lists) for lists in members.choose_lists(self.faiss, text, probe)]
 
     @staticmethod
     def _rerank(rerank: Rerank, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor,
@@ -544,12 +637,16 @@ class GalleryIndex:
             return rerank(text, frames.float(), mask)
 
     def search(self, text_features: torch.Tensor, k: int = 5, rerank: Optional[Rerank] = None,
-               candidates: int = 50, *, exact: bool = False) -> List[List[Hit]]:
+               candidates: int = 50, *, exact: bool = False, probe: Optional[int] = None,
+               stats: Optional[Dict[str, Any]] = None) -> List[List[Hit]]:
         """Top-k items per query.
 
         Two-stage (default): FAISS finds `candidates` items per query over the mean-pooled vectors and
         `rerank(text (Q,D), frames (C,F,D), mask (C,F)) -> (Q, C)` re-scores them with a pooling head
-        (e.g. text-conditioned pooling). `exact=True` scores every item with the head instead.
+        (e.g. text-conditioned pooling). `probe=P` (IVF indices) takes instead every item with a vector
+        in the query's P nearest lists and re-scores all of them; `candidates` is then unused.
+        `exact=True` scores every item with the head. `stats`, when given, receives "candidates": the
+        number of items re-scored for each query.
         """
         if isinstance(k, bool) or int(k) < 1:
             raise XModalError(f"k={k}: expected >= 1")
@@ -559,19 +656,33 @@ class GalleryIndex:
         k = min(int(k), len(self))
         results = []
         if exact:
+            if stats is not None:
+                stats["candidates"] = [len(self)] * text.shape[0]
             scores = self.score_all(text, rerank)
             top = torch.topk(scores, k, dim=1)
             for q in range(text.shape[0]):
                 results.append(self._hits(top.indices[q].tolist(), top.values[q].tolist()))
             return results
+        if probe is not None:
+            probed = self.probe_candidates(text, probe)
+            if stats is not None:
+                stats["candidates"] = [len(rows) for rows in probed]
+            for q, rows in enumerate(probed):
+                cand = torch.from_numpy(rows)
+                s = self.score_rows(text[q:q + 1], cand, rerank)[0] if len(cand) else torch.zeros(0)
+                top = torch.topk(s, min(k, len(cand)))
+                results.append(self._hits(cand[top.indices].tolist(), top.values.tolist()))
+            return results
         n_cand = min(max(int(candidates), k), len(self)) if rerank is not None else k
         scores, idx = self.candidates(text, n_cand)
+        if stats is not None:
+            stats["candidates"] = [int((row >= 0).sum()) for row in idx]
         for q in range(text.shape[0]):
             keep = idx[q] >= 0  # FAISS pads with -1 when it finds fewer than asked
             cand = torch.as_tensor(idx[q][keep], dtype=torch.long)
             s = torch.as_tensor(scores[q][keep])
             if rerank is not None and len(cand):
-                s = self._rerank(rerank, text[q:q + 1], self.frame_features[cand], self.frame_mask[cand])[0]
+                s = self.score_rows(text[q:q + 1], cand, rerank)[0]
             order = torch.argsort(s, descending=True)[:k]
             results.append(self._hits(cand[order].tolist(), s[order].tolist()))
         return results
@@ -752,5 +863,7 @@ class Searcher:
         return encode_texts(self.model, check_queries(queries), max_words=self.max_words, device=self.device,
                             progress=False)
 
-    def search(self, queries: Sequence[str], k: int = 5, candidates: int = 100, exact: bool = False) -> List[List[Hit]]:
-        return self.index.search(self.encode(queries), k=k, rerank=self.head, candidates=candidates, exact=exact)
+    def search(self, queries: Sequence[str], k: int = 5, candidates: int = 100, exact: bool = False,
+               probe: Optional[int] = None) -> List[List[Hit]]:
+        return self.index.search(self.encode(queries), k=k, rerank=self.head, candidates=candidates, exact=exact,
+                                 probe=probe)

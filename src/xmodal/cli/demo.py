@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--test", type=int, default=200, help="of which held out as the main test set")
     p.add_argument("--order", type=int, default=100,
                    help="of which held out as the order subset (groups of 4 differing only in event order; 0: none)")
+    p.add_argument("--captions-test", type=int, default=1,
+                   help="captions per held-out clip; each is a text-to-video query (training clips have 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated world")
     p.add_argument("--query", default=None, help="text query for the gallery (default: a test caption)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -33,7 +35,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int) -> None:
+def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int, test_captions: int = 1) -> None:
     from xmodal.synth.world import GENERATOR_VERSIONS, write_video_set
 
     marker = data_dir / "synth.json"
@@ -42,13 +44,13 @@ def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int) -> N
         counts = meta.get("counts", {})
         if meta.get("seed") == seed and meta.get("generator_version") == GENERATOR_VERSIONS["videos"] \
                 and counts.get("test") == n_test and counts.get("test_order", 0) == n_order \
-                and sum(counts.values()) == n:
+                and sum(counts.values()) == n and meta.get("captions_test", 1) == test_captions:
             print(f"[1/6] video-text world already at {data_dir} ({n} clips), reusing it")
             return
     print(f"[1/6] generating the video-text world: {n} clips ({n_test} test, {n_order} order subset) -> {data_dir}")
-    write_video_set(data_dir, n=n, n_test=n_test, n_order=n_order, seed=seed,
+    write_video_set(data_dir, n=n, n_test=n_test, n_order=n_order, seed=seed, captions_test=test_captions,
                     command=f"xmodal synth videos --out {data_dir} --n {n} --split-test {n_test} "
-                            f"--split-order {n_order} --seed {seed}")
+                            f"--split-order {n_order} --captions-test {test_captions} --seed {seed}")
 
 
 def _machine() -> str:
@@ -98,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.cli.eval import require_weights
 
     require_weights(cfg, {}, f"{DEMO_CONFIG.name} (--set)", flag=False)  # random weights only when asked for
-    _generate(data_dir, args.videos, args.test, args.order, args.seed)
+    if args.captions_test < 1:
+        from xmodal.errors import XModalError
+
+        raise XModalError(f"--captions-test={args.captions_test}: expected >= 1")
+    _generate(data_dir, args.videos, args.test, args.order, args.seed, args.captions_test)
 
     print(f"[2/6] zero-shot evaluation of {cfg.model.backbone} (pretrained={cfg.model.pretrained!r})")
     backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, seed=cfg.train.seed)

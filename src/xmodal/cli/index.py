@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                    help="build from `xmodal embed` output instead of encoding (model and data come from DIR)")
     p.add_argument("--faiss", default=None, metavar="FACTORY",
                    help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ... "
-                        "(default: Flat under 100000 items, else HNSW32 over mean vectors, IVF1024,PQ64 over frames)")
+                        "(default: Flat under 100000 items, else HNSW32 over mean vectors, IVF1024,PQ64 over frames, "
+                        "IVF4096,PQ64 over the frames of 500000 items or more)")
     p.add_argument("--candidate-vectors", choices=["mean", "frames"], default=None,
                    help="what FAISS indexes: one mean-pooled vector per item, or every frame (an item scores its "
                         "best frame; default for text-conditioned pooling on videos, whose re-rank it predicts "
@@ -44,6 +45,10 @@ def register(subparsers) -> None:
                    help="vectors sampled to train IVF/PQ (default: 40 per centroid, at least 10000)")
     p.add_argument("--faiss-params", default=None, help="FAISS search parameters stored with the index, "
                                                         "e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--probe", type=int, default=None, metavar="LISTS",
+                   help="IVF indices: search re-ranks every item in the query's LISTS nearest lists instead of "
+                        "FAISS's top-K (stored with the index; default: 1/32 of the lists for IVF over "
+                        "frames, see benchmarks/search_speed.py)")
     p.set_defaults(func=run)
 
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _faiss_kwargs(args) -> dict:
     return {"faiss_factory": args.faiss, "faiss_train_size": args.faiss_train_size, "faiss_params": args.faiss_params,
-            "candidate_vectors": args.candidate_vectors}
+            "candidate_vectors": args.candidate_vectors, "faiss_probe": args.probe}
 
 
 def _encode(args):
@@ -95,7 +100,11 @@ def _encode(args):
     total = len(items) + len(dropped)
     if args.faiss:  # refuse a factory that cannot work before the (long) encoding
         frames = 1 if args.candidate_vectors == "mean" or cfg.head.pooling != "text_conditioned" else cfg.data.num_frames
-        check_factory(args.faiss, model.backbone.embed_dim, len(items) * max(1, frames))
+        empty = check_factory(args.faiss, model.backbone.embed_dim, len(items) * max(1, frames))
+        if args.probe is not None:
+            from xmodal.ivf_lists import check_probe
+
+            check_probe(empty, args.probe)
     enc = encode_gallery(model, items, load, cfg.data.num_frames, batch_size=cfg.eval.batch_size,
                          num_workers=cfg.data.num_workers, device=device)
     what = f"{cfg.data.dataset} split {cfg.data.eval_split!r} under {cfg.data.root}"

@@ -110,19 +110,31 @@ class Service:
             _fail(422, "embedding_input: expected finite numbers, not all zero")
         return vec
 
-    def rank(self, ix: ServedIndex, vector: torch.Tensor, k: int, candidates: Optional[int], exact: bool):
+    def rank(self, ix: ServedIndex, vector: torch.Tensor, k: int, candidates: Optional[int], exact: bool,
+             probe: Optional[int] = None):
+        """(hits, items re-ranked). The first stage: every item (`exact`), the members of `probe` IVF
+        lists, the top `candidates` FAISS items, or else the index's recorded default."""
+        if probe is not None and (candidates is not None or exact):
+            _fail(422, "give at most one of 'probe' (IVF lists), 'candidates' (FAISS top-K) and 'exact'")
         try:
-            return self._rank(ix, vector, k, candidates, exact)
+            return self._rank(ix, vector, k, candidates, exact, probe)
         except XModalError as exc:  # the index refuses the query (e.g. a non-finite vector): the client's input
             _fail(422, str(exc))
 
-    def _rank(self, ix: ServedIndex, vector: torch.Tensor, k: int, candidates: Optional[int], exact: bool):
+    def _rank(self, ix: ServedIndex, vector: torch.Tensor, k: int, candidates: Optional[int], exact: bool,
+              probe: Optional[int]):
         n = len(ix.items)
         if exact:
             try:
                 return ix.gallery.search(vector.reshape(1, -1), k=k, rerank=ix.head, exact=True)[0], n
             except TypeError:  # an index library without `exact`: every item as a candidate is the same
                 pass
+        if probe is None and candidates is None and not exact:
+            probe = getattr(ix.gallery, "default_probe", None)
+        if probe is not None:
+            stats: Dict[str, Any] = {}
+            hits = ix.gallery.search(vector.reshape(1, -1), k=k, rerank=ix.head, probe=probe, stats=stats)[0]
+            return hits, stats["candidates"][0]
         cand = n if exact else min(max(candidates or DEFAULT_CANDIDATES, k), n)
         hits = ix.gallery.search(vector.reshape(1, -1), k=k, rerank=ix.head, candidates=cand)[0]
         return hits, cand
@@ -214,7 +226,7 @@ def create_app(indices: Sequence[ServedIndex], cors_origins: Sequence[str] = ())
             for row, sim, caption in caption_search(ix, vector, k):
                 out.append(_knn_row(svc, ix, row, sim, caption, base))
             return out
-        hits, _ = svc.rank(ix, vector, k, body.num_result_ids or body.num_images, exact=False)
+        hits, _ = svc.rank(ix, vector, k, body.num_result_ids, exact=False)  # None: the index's default stage
         for h in hits:
             row = _row(ix, h)
             out.append(_knn_row(svc, ix, row, h.score, None, base))
@@ -242,7 +254,7 @@ def create_app(indices: Sequence[ServedIndex], cors_origins: Sequence[str] = ())
             vector = svc.text_vector(ix, body.query, "query")
         else:
             vector = svc.image_vector(ix, body.image, "image")
-        hits, cand = svc.rank(ix, vector, body.k, body.candidates, body.exact)
+        hits, cand = svc.rank(ix, vector, body.k, body.candidates, body.exact, body.probe)
         rows = []
         for h in hits:
             row = _row(ix, h)

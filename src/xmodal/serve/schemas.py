@@ -15,6 +15,7 @@ MAX_QUERY_CHARS = 1000
 MAX_IMAGE_BASE64 = 16 * 2**20  # characters (~12 MB of image)
 MAX_RESULTS = 1000
 MAX_CANDIDATES = 100_000
+MAX_PROBE = 65_536
 MAX_EMBEDDING = 8192
 MAX_METADATA_IDS = 1000
 NAME_CHARS = 200
@@ -33,7 +34,8 @@ class KnnRequest(BaseModel):
     modality: Literal["image", "text"] = Field("image", description="image: the visual gallery; text: its captions")
     num_images: int = Field(40, ge=1, le=MAX_RESULTS, description="results to return")
     num_result_ids: Optional[int] = Field(None, ge=1, le=MAX_CANDIDATES,
-                                          description="candidates taken from FAISS before re-ranking")
+                                          description="FAISS top-K candidates re-ranked "
+                                                      "(default: the index's default first stage)")
     indice_name: Optional[str] = Field(None, max_length=NAME_CHARS, description="index name (default: the first)")
     use_mclip: bool = False
     deduplicate: Optional[bool] = None
@@ -69,6 +71,9 @@ class SearchRequest(BaseModel):
     candidates: Optional[int] = Field(None, ge=1, le=MAX_CANDIDATES,
                                       description="FAISS candidates re-ranked by the pooling head (default 1000)")
     exact: bool = Field(False, description="score every item with the pooling head (no FAISS shortlist)")
+    probe: Optional[int] = Field(None, ge=1, le=MAX_PROBE,
+                                 description="IVF indices: re-rank every item in the query's `probe` nearest lists "
+                                             "(default: the index's recorded probe, else `candidates`)")
 
 
 class Moment(BaseModel):
