@@ -7,12 +7,13 @@ What is measured. A gallery of N videos x 12 frames (float16, as `xmodal index` 
 searched with text queries the way `GalleryIndex.search` does it, with one of two first stages:
   - top-K: FAISS finds K candidates (K in --candidates) over the L2-normalised mean-pooled videos or
     over every frame (a video scores its best frame), for each index in --configs;
-  - lists (`probe=P` in --configs, IVF indices): every video with a frame in the P IVF lists that
-    hold the query's best-matching frames is a candidate (`xmodal.ivf_lists`); K is then the mean
-    number of videos re-ranked;
+  - lists (`probe=P` in --configs, IVF indices): every video with a frame in the (at most P) IVF
+    lists that hold the query's best-matching frames is a candidate (`xmodal.ivf_lists`); K is
+    then the mean number of videos re-ranked;
 then the candidates are re-scored exactly with text-conditioned pooling (tau = 5, the head's
-default; Gram matrices cached beforehand, as `xmodal serve` does on load), top 10 kept. The reference is the exact text-conditioned score of EVERY video for every query,
-computed once per query set in chunks of 16384 videos. Reported per (index, K): p50 / p99
+default; Gram matrices cached beforehand, as `xmodal serve` does on load), top 10 kept. The
+reference is the exact text-conditioned score of EVERY video for every query, computed once per
+query set in chunks of 16384 videos. Reported per (index, K): p50 / p99
 latency of one query at a time (FAISS + re-rank; text encoding is measured separately) on
 --threads CPU threads, and recall@10 = |two-stage top-10 & exact top-10| / 10, averaged over queries.
 
@@ -243,11 +244,13 @@ def run_size(n: int, real, queries, args, log) -> Dict[str, Any]:
         torch.set_num_threads(args.query_threads)
         faiss.omp_set_num_threads(args.query_threads)
         gi.prepare(head)  # the Gram matrices every re-rank reads, computed before timing (as `xmodal serve` does)
-        plan = [(st, k) for st in settings for k in ([None] if "probe=" in st.replace("nprobe=", "") else args.candidates)]
-        for setting, k in plan:
-            parts = setting.split("+")  # e.g. nprobe=128+probe=128: FAISS parameters + lists read whole
+        plan = []
+        for setting in settings:  # e.g. nprobe=128+probe=128: FAISS parameters + lists read whole
+            parts = setting.split("+")
             probe = next((int(x.split("=", 1)[1]) for x in parts if x.startswith("probe=")), None)
             params = ",".join(x for x in parts if x and not x.startswith("probe="))
+            plan += [(setting, params, probe, k) for k in ([None] if probe else args.candidates)]
+        for setting, params, probe, k in plan:
             if setting.startswith("efSearch=auto"):
                 fetched = k * (gi.frame_oversample if vectors == "frames" else 1)
                 params = f"efSearch={max(64, fetched)}"

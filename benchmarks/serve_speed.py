@@ -224,7 +224,7 @@ def main(argv=None) -> int:
 
     app = create_app(indices)
     stage = {k: v for k, v in (("candidates", args.candidates), ("probe", args.probe)) if v is not None}
-    probe = args.probe if args.probe is not None else (None if args.candidates else indices[0].gallery.default_probe)
+    probe = indices[0].gallery.probe_for(args.probe, args.candidates)
     first_stage = (f"every video in {probe} IVF lists chosen by the query's best frames" if probe else
                    f"FAISS top {args.candidates or DEFAULT_CANDIDATES} candidates")
     load_before = round(os.getloadavg()[0], 2)  # other jobs on the machine show here (and in the after value)

@@ -1,4 +1,5 @@
-"""Candidates from whole IVF lists: every item that owns a vector in the lists nearest the query.
+"""Candidates from whole IVF lists: every item that owns a vector in the lists holding the query's
+best-matching vectors.
 
 Why not FAISS's own top-K: over a frame index FAISS ranks items by their (PQ-approximated) best
 frame, while the text-conditioned head scores the cosine of a softmax-weighted sum of frames. On a
@@ -30,8 +31,12 @@ def check_probe(index: faiss.Index, probe: int) -> int:
     if ivf is None:
         raise XModalError(f"probing lists needs an IVF index (e.g. --faiss IVF4096,PQ64); this one is "
                           f"{type(index).__name__.replace('Index', '') or 'not IVF'}")
-    if isinstance(probe, bool) or not 1 <= int(probe) <= ivf.nlist:
-        raise XModalError(f"probe={probe}: expected 1..{ivf.nlist} (the index has {ivf.nlist} IVF lists)")
+    return _in_range(probe, int(ivf.nlist))
+
+
+def _in_range(probe: int, nlist: int) -> int:
+    if isinstance(probe, bool) or not 1 <= int(probe) <= nlist:
+        raise XModalError(f"probe={probe}: expected 1..{nlist} (the index has {nlist} IVF lists)")
     return int(probe)
 
 
@@ -68,15 +73,11 @@ class ListMembers:
 
         The lists holding the query's best-matching vectors: FAISS's top `fetch` vectors (default
         `FETCH_PER_LIST * probe`, searched at the index's own nprobe), their lists in order of first
-        appearance, at most `probe` of them. Only lists that hold a well-matching frame are read: at
-        1M videos this reached recall@10 0.990 re-ranking 40k videos, where reading the lists of the
-        query's nearest centroids re-ranked 59k for 0.988 (text and frames sit apart in the joint
-        space, so a text query's nearest centroid says little about where its best frames are;
-        benchmarks/search_speed.py).
+        appearance, at most `probe` of them. Only lists that hold a well-matching frame are read, not
+        the lists of the query's nearest centroids: text and frames sit apart in the joint space, so a
+        text query's nearest centroid says little about where its best frames are.
         """
-        if isinstance(probe, bool) or not 1 <= int(probe) <= self.nlist:
-            raise XModalError(f"probe={probe}: expected 1..{self.nlist} (the index has {self.nlist} IVF lists)")
-        probe = int(probe)
+        probe = _in_range(probe, self.nlist)
         fetch = FETCH_PER_LIST * probe if fetch is None else int(fetch)
         x = np.ascontiguousarray(unit_queries, dtype=np.float32)
         _, ids = index.search(x, max(1, min(fetch, int(index.ntotal))))

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int, test_captions: int = 1) -> None:
+def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int, captions_test: int = 1) -> None:
     from xmodal.synth.world import GENERATOR_VERSIONS, write_video_set
 
     marker = data_dir / "synth.json"
@@ -44,13 +44,13 @@ def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int, test
         counts = meta.get("counts", {})
         if meta.get("seed") == seed and meta.get("generator_version") == GENERATOR_VERSIONS["videos"] \
                 and counts.get("test") == n_test and counts.get("test_order", 0) == n_order \
-                and sum(counts.values()) == n and meta.get("captions_test", 1) == test_captions:
+                and sum(counts.values()) == n and meta.get("captions_test", 1) == captions_test:
             print(f"[1/6] video-text world already at {data_dir} ({n} clips), reusing it")
             return
     print(f"[1/6] generating the video-text world: {n} clips ({n_test} test, {n_order} order subset) -> {data_dir}")
-    write_video_set(data_dir, n=n, n_test=n_test, n_order=n_order, seed=seed, captions_test=test_captions,
+    write_video_set(data_dir, n=n, n_test=n_test, n_order=n_order, seed=seed, captions_test=captions_test,
                     command=f"xmodal synth videos --out {data_dir} --n {n} --split-test {n_test} "
-                            f"--split-order {n_order} --captions-test {test_captions} --seed {seed}")
+                            f"--split-order {n_order} --captions-test {captions_test} --seed {seed}")
 
 
 def _machine() -> str:

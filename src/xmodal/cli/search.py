@@ -3,8 +3,9 @@
 Rebuilds the model recorded in the index (backbone, weights, adapter), encodes the queries,
 takes candidates from the FAISS index and re-ranks them with the index's pooling head
 (text-conditioned pooling needs the query, so it runs on the candidates only): FAISS's top
-`--candidates`, or on IVF indices every item in the query's `--probe` nearest lists (the
-index's recorded probe by default). `--exact` scores every item with the head instead. Empty queries are refused. An index
+`--candidates`, or on IVF indices every item in the (at most `--probe`) lists holding the
+query's best frames (the index's recorded probe by default). `--exact` scores every item with
+the head instead. Empty queries are refused. An index
 built with `--allow-missing` is partial: a note on stderr says how many items it lacks.
 """
 
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=None,
                    help="FAISS candidates re-ranked per query (default 100, or the index's recorded --probe)")
     p.add_argument("--probe", type=int, default=None, metavar="LISTS",
-                   help="IVF indices: re-rank every item in the query's LISTS nearest lists")
+                   help="IVF indices: re-rank every item in the (at most LISTS) lists holding the query's best frames")
     p.add_argument("--exact", action="store_true",
                    help="score every item with the pooling head (no FAISS candidate stage)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         dropped = index.meta.get("dropped") or []
         print(f"note: {args.index} is partial: {len(dropped)} item(s) of the split were left out for missing or "
               f"unreadable media (listed under 'dropped' in gallery.json)", file=sys.stderr)
-    probe = args.probe if args.probe is not None else (None if args.candidates or args.exact else index.default_probe)
+    probe = index.probe_for(args.probe, args.candidates, args.exact)
     results = Searcher(index).search(queries, k=args.top_k, candidates=args.candidates or 100, exact=args.exact,
                                      probe=probe)
     if args.json:

@@ -129,8 +129,7 @@ class Service:
                 return ix.gallery.search(vector.reshape(1, -1), k=k, rerank=ix.head, exact=True)[0], n
             except TypeError:  # an index library without `exact`: every item as a candidate is the same
                 pass
-        if probe is None and candidates is None and not exact:
-            probe = getattr(ix.gallery, "default_probe", None)
+        probe = ix.gallery.probe_for(probe, candidates, exact)
         if probe is not None:
             stats: Dict[str, Any] = {}
             hits = ix.gallery.search(vector.reshape(1, -1), k=k, rerank=ix.head, probe=probe, stats=stats)[0]

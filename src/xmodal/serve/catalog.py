@@ -187,8 +187,7 @@ def load_index(name: str, directory, registry, media_root: Optional[str] = None)
         head = SimilarityHead(**meta["head"])
     except TypeError as exc:
         raise XModalError(f"{where}: 'head' is not a pooling head description ({exc})") from None
-    if hasattr(gallery, "prepare"):
-        gallery.prepare(head)  # the re-rank's cached Gram matrices, before the first request
+    gallery.prepare(head)  # the re-rank's cached Gram matrices and list members, before the first request
     stored = getattr(gallery, "captions", None)  # GalleryIndex keeps captions itself since format 2
     captions = _captions({"captions": stored} if stored is not None else meta, len(gallery.ids), where)
     media = [_resolve(m, directory) for m in gallery.media]
