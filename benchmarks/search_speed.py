@@ -7,9 +7,10 @@ What is measured. A gallery of N videos x 12 frames (float16, as `xmodal index` 
 searched with text queries the way `GalleryIndex.search` does it, with one of two first stages:
   - top-K: FAISS finds K candidates (K in --candidates) over the L2-normalised mean-pooled videos or
     over every frame (a video scores its best frame), for each index in --configs;
-  - lists (`probe=P` in --configs, IVF indices): every video with a frame in the (at most P) IVF
-    lists that hold the query's best-matching frames is a candidate (`xmodal.ivf_lists`); K is
-    then the mean number of videos re-ranked;
+  - lists (`probe=P` in --configs, IVF indices): every video with a frame in P IVF lists (those
+    holding the query's best-matching frames, then those of its nearest centroids; with P >= nprobe
+    simply the P nearest) is a candidate (`xmodal.ivf_lists`); K is then the mean number of videos
+    re-ranked;
 then the candidates are re-scored exactly with text-conditioned pooling (tau = 5, the head's
 default; Gram matrices cached beforehand, as `xmodal serve` does on load), top 10 kept. The
 reference is the exact text-conditioned score of EVERY video for every query, computed once per

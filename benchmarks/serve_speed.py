@@ -19,7 +19,7 @@
    real app under uvicorn on 127.0.0.1 in this process.
 4. Latency: `--queries` text queries (the set's test captions) sent one at a time over HTTP to
    POST /search (k=10, the service's default first stage — on this IVF frame index every video in
-   the lists holding the query's best frames, `xmodal.ivf_lists` — re-ranked by text-conditioned
+   the index's recorded number of IVF lists, `xmodal.ivf_lists` — re-ranked by text-conditioned
    pooling, moments included; `--candidates K` / `--probe P` choose another):
    p50/p99 of the client-side time, i.e. HTTP + text encoding + FAISS + re-rank + moments.
    Recall: for the first `--recall-queries` of them, the served top-10 against the exact top-10
@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     app = create_app(indices)
     stage = {k: v for k, v in (("candidates", args.candidates), ("probe", args.probe)) if v is not None}
     probe = indices[0].gallery.probe_for(args.probe, args.candidates)
-    first_stage = (f"every video in {probe} IVF lists chosen by the query's best frames" if probe else
+    first_stage = (f"every video in {probe} IVF lists (the query's best frames', then its nearest centroids')"
+                   if probe else
                    f"FAISS top {args.candidates or DEFAULT_CANDIDATES} candidates")
     load_before = round(os.getloadavg()[0], 2)  # other jobs on the machine show here (and in the after value)
     with live_server(app) as base:

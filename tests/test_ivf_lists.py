@@ -7,7 +7,7 @@ import torch
 
 from xmodal.engine.heads import SimilarityHead
 from xmodal.errors import XModalError
-from xmodal.retrieval_index import GalleryIndex
+from xmodal.retrieval_index import GalleryIndex, _Block
 
 
 def _gallery(n=600, f=6, d=16, seed=0):
@@ -37,6 +37,9 @@ def test_list_members_are_the_owners_of_each_lists_vectors():
         want = np.unique(vecs.owner[assign[:, 0] == lst])
         got = members.items[members.offsets[lst]:members.offsets[lst + 1]]
         assert got.tolist() == want.tolist()
+    for lists in (np.array([3]), np.array([0, 5, 9, -1]), np.arange(members.nlist)):
+        union = np.unique(np.concatenate([vecs.owner[assign[:, 0] == lst] for lst in lists if lst >= 0]))
+        assert members.members(lists).tolist() == union.tolist()
 
 
 def test_probing_every_list_is_the_exact_search_and_fewer_lists_find_a_subset(monkeypatch):
@@ -96,11 +99,15 @@ def test_block_gather_returns_the_rows_frames(dtype):
         index = GalleryIndex(feats, torch.ones(50, f, dtype=torch.bool), [str(i) for i in range(50)], ["x"] * 50)
         rows = torch.tensor([49, 0, 7, 7, 23])
         assert torch.equal(index._gather(rows), feats[rows].float())
+        block = _Block(feats, torch.zeros(50, f, f), 8)  # the buffers score_rows reuses block after block
+        for some in (rows, rows[:2], torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])):
+            assert torch.equal(index._gather(some, block), feats[some].float())
 
 
-def test_lists_are_chosen_by_their_best_frames_not_their_centroids():
+def test_lists_are_chosen_by_their_best_frames_then_their_centroids():
     """The first list read is the one holding the query's best frame, even where another centroid is
-    nearer the query; only lists holding fetched frames are read."""
+    nearer the query; the lists holding fetched frames come first, then the nearest centroids' lists
+    in the coarse quantizer's order, up to `probe` lists."""
     feats, mask = _gallery(n=400)
     index = _index(feats, mask)
     ivf = faiss.extract_index_ivf(index.faiss)
@@ -119,6 +126,50 @@ def test_lists_are_chosen_by_their_best_frames_not_their_centroids():
         every = members.choose_lists(index.faiss, q, members.nlist, fetch=len(vecs))[0]
         assert sorted(every.tolist()) == list(range(members.nlist))
         top = index.faiss.search(q, 5)[1][0]
-        few = members.choose_lists(index.faiss, q, members.nlist, fetch=5)[0]
-        assert set(few[few >= 0].tolist()) == set(members.list_of[top].tolist())
+        held = set(members.list_of[top].tolist())
+        few = members.choose_lists(index.faiss, q, 8, fetch=5)[0]
+        assert set(few[:len(held)].tolist()) == held
+        _, coarse = ivf.quantizer.search(q, members.nlist)
+        rest = [lst for lst in coarse[0].tolist() if lst not in held]
+        assert few[len(held):].tolist() == rest[:8 - len(held)]
     assert differ > 0  # the two rules disagree on some queries, so the test can tell them apart
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "OPQ4,IVF16,PQ4"])
+def test_probe_at_least_nprobe_reads_the_nearest_centroids_lists(factory):
+    """FAISS scans only the query's nprobe nearest lists, so with probe >= nprobe the lists read are
+    the probe nearest ones (through the OPQ rotation when the index has one), nothing fetched."""
+    feats, mask = _gallery(n=400)
+    index = _index(feats, mask, factory=factory)
+    ivf = faiss.extract_index_ivf(index.faiss)
+    ivf.nprobe = 4
+    members = index.list_members
+    q = torch.nn.functional.normalize(torch.randn(3, feats.shape[2], generator=torch.Generator().manual_seed(6)),
+                                      dim=-1).numpy()
+    coarse_in = q
+    if factory.startswith("OPQ"):
+        opq = faiss.downcast_index(index.faiss).chain.at(0)
+        coarse_in = faiss.downcast_VectorTransform(opq).apply(q)
+        assert not np.allclose(coarse_in, q)
+    _, nearest = ivf.quantizer.search(coarse_in, 6)
+    assert members.choose_lists(index.faiss, q, 6).tolist() == nearest.tolist()
+    # below nprobe the best-frame lists come first, and they lie among the nprobe nearest
+    below = members.choose_lists(index.faiss, q, 3)
+    for row, near in zip(below, nearest):
+        assert set(row.tolist()) <= set(near[:4].tolist())
+
+
+def test_score_rows_over_several_reused_blocks_equals_the_head(monkeypatch):
+    """Blocks of rows share one set of buffers (the last block shorter); every score is still the head's."""
+    import xmodal.retrieval_index
+
+    monkeypatch.setattr(xmodal.retrieval_index, "_RERANK_ROWS", 7)
+    feats, mask = _gallery(n=200)
+    index = _index(feats, mask)
+    head = SimilarityHead("text_conditioned", temperature=5.0)
+    text = torch.randn(2, feats.shape[2], generator=torch.Generator().manual_seed(7)) * 3
+    rows = torch.randperm(200, generator=torch.Generator().manual_seed(8))[:30]
+    want = head(text, feats[rows].float(), mask[rows])
+    assert torch.allclose(index.score_rows(text, rows, head), want, atol=1e-4)
+    index.prepare(head)  # the cached Gram matrices go through the block's buffer too
+    assert torch.allclose(index.score_rows(text, rows, head), want, atol=1e-4)

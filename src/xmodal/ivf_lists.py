@@ -1,5 +1,5 @@
 """Candidates from whole IVF lists: every item that owns a vector in the lists holding the query's
-best-matching vectors.
+best-matching vectors, or in those of its nearest centroids.
 
 Why not FAISS's own top-K: over a frame index FAISS ranks items by their (PQ-approximated) best
 frame, while the text-conditioned head scores the cosine of a softmax-weighted sum of frames. On a
@@ -10,6 +10,12 @@ whole lists instead puts no per-vector cut in the first stage: an item is missed
 its vectors falls in a list read, and every item found is scored exactly by the re-rank. FAISS's
 own search only chooses which lists to read; the work per query is set by `probe` (lists) rather
 than by K.
+
+Which lists: first those holding the query's best-matching vectors (where its best frames are), then,
+up to `probe`, the lists of its nearest centroids. The first rule alone cannot read more lists than
+the fetched vectors fall in, and on the 1M benchmark gallery it stopped at recall@10 0.978 however
+large `probe` was (benchmarks/search_speed.py, the record of `2447455`); the coarse quantizer's order
+carries it on (see the README's "Search at scale" table for what each `probe` reaches).
 """
 
 from __future__ import annotations
@@ -32,6 +38,15 @@ def check_probe(index: faiss.Index, probe: int) -> int:
         raise XModalError(f"probing lists needs an IVF index (e.g. --faiss IVF4096,PQ64); this one is "
                           f"{type(index).__name__.replace('Index', '') or 'not IVF'}")
     return _in_range(probe, int(ivf.nlist))
+
+
+def _coarse_input(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """`x` as the IVF's coarse quantizer sees it (through an OPQ/PCA pre-transform, if any)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for step in range(index.chain.size()):
+            x = faiss.downcast_VectorTransform(index.chain.at(step)).apply(np.ascontiguousarray(x))
+    return x
 
 
 def _in_range(probe: int, nlist: int) -> int:
@@ -66,33 +81,45 @@ class ListMembers:
         items = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         self.items = items.astype(np.int32 if items.size == 0 or items.max() < 2**31 else np.int64)
         self.offsets = offsets
+        #: rows of the items (one past the largest member)
+        self.n_items = int(items.max()) + 1 if items.size else 0
 
     def choose_lists(self, index: faiss.Index, unit_queries: np.ndarray, probe: int,
                      fetch: Optional[int] = None) -> np.ndarray:
         """(Q, probe) ids of the lists to read in full for each (L2-normalised) query, -1 padded.
 
-        The lists holding the query's best-matching vectors: FAISS's top `fetch` vectors (default
-        `FETCH_PER_LIST * probe`, searched at the index's own nprobe), their lists in order of first
-        appearance, at most `probe` of them. Only lists that hold a well-matching frame are read, not
-        the lists of the query's nearest centroids: text and frames sit apart in the joint space, so a
-        text query's nearest centroid says little about where its best frames are.
+        First the lists holding the query's best-matching vectors: FAISS's top `fetch` vectors
+        (default `FETCH_PER_LIST * probe`, searched at the index's own nprobe), their lists in order
+        of first appearance. Text and frames sit apart in the joint space, so a text query's nearest
+        centroid says little about where its single best frames are; these lists come first. Then,
+        until there are `probe` lists, the lists of the query's nearest centroids in the coarse
+        quantizer's order: the best-frame rule alone reads no list without a fetched vector, and
+        items whose pooled score is high without one outstanding frame live there.
         """
         probe = _in_range(probe, self.nlist)
-        fetch = FETCH_PER_LIST * probe if fetch is None else int(fetch)
         x = np.ascontiguousarray(unit_queries, dtype=np.float32)
-        _, ids = index.search(x, max(1, min(fetch, int(index.ntotal))))
+        ivf = faiss.extract_index_ivf(index)
+        _, nearest = ivf.quantizer.search(_coarse_input(index, x), probe)
         out = np.full((len(x), probe), -1, dtype=np.int64)
+        if probe >= ivf.nprobe:
+            # FAISS scans only the query's `nprobe` nearest lists, so every fetched vector's list is
+            # among the `probe` nearest: the answer is those lists, without fetching anything
+            out[:, :nearest.shape[1]] = nearest
+            return out
+        fetch = FETCH_PER_LIST * probe if fetch is None else int(fetch)
+        _, ids = index.search(x, max(1, min(fetch, int(index.ntotal))))
         for q in range(len(x)):
-            order = self.list_of[ids[q][ids[q] >= 0]]
+            order = np.concatenate([self.list_of[ids[q][ids[q] >= 0]], nearest[q][nearest[q] >= 0]])
             _, first = np.unique(order, return_index=True)
             chosen = order[np.sort(first)][:probe]
             out[q, :len(chosen)] = chosen
         return out
 
     def members(self, lists: np.ndarray) -> np.ndarray:
-        """Sorted item rows owning a vector in any of `lists` (int64)."""
+        """Sorted item rows owning a vector in any of `lists` (int64), marked in a bitmap of the
+        items (a sort of the lists' concatenated members costs 10x more at 1M items)."""
         lists = lists[lists >= 0]
-        if not len(lists):
-            return np.zeros(0, dtype=np.int64)
-        parts = [self.items[self.offsets[lst]:self.offsets[lst + 1]] for lst in lists]
-        return np.unique(np.concatenate(parts)).astype(np.int64)
+        mark = np.zeros(self.n_items, dtype=bool)
+        for lst in lists:
+            mark[self.items[self.offsets[lst]:self.offsets[lst + 1]]] = True
+        return np.flatnonzero(mark)

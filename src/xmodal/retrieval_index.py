@@ -53,9 +53,11 @@ LARGE_FACTORY = {"mean": "HNSW32", "frames": "IVF1024,PQ64"}
 HUGE_ITEMS, HUGE_FRAME_FACTORY = 500_000, "IVF4096,PQ64"
 #: IVF lists probed per query unless --faiss-params says otherwise (FAISS's own default, 1, misses most)
 DEFAULT_NPROBE = 32
-#: IVF frame indices read 1/PROBE_SHARE of their lists whole by default (`search(probe=...)`), and FAISS
-#: searches at least as many lists to choose them: 32 of 1024, 128 of 4096 (benchmarks/search_speed.py)
-PROBE_SHARE = 32
+#: FAISS's own search (top-K candidates) probes 1/NPROBE_SHARE of an IVF index's lists: 32 of 1024, 128 of 4096
+NPROBE_SHARE = 32
+#: IVF frame indices read 1/PROBE_SHARE of their lists whole by default (`search(probe=...)`): 42 of 1024,
+#: 170 of 4096, where benchmarks/search_speed.py measured recall@10 >= 0.99 on its 100k and 1M galleries
+PROBE_SHARE = 24
 #: features files above this size are memory-mapped on load (mmap=None)
 MMAP_ABOVE_BYTES = 256 * 2**20
 _ROWS_PER_CHUNK = 16384
@@ -288,7 +290,7 @@ def build_faiss(vectors, factory: Optional[str] = None, train_size: Optional[int
     for start in range(0, n, 262144):
         index.add(np.ascontiguousarray(vectors[start:start + 262144]))
     if not search_params and faiss.try_extract_index_ivf(index) is not None:
-        search_params = f"nprobe={max(DEFAULT_NPROBE, default_probe(faiss.extract_index_ivf(index).nlist))}"
+        search_params = f"nprobe={max(DEFAULT_NPROBE, faiss.extract_index_ivf(index).nlist // NPROBE_SHARE)}"
     if search_params:
         set_search_params(index, search_params)
         info["search_params"] = search_params
@@ -379,6 +381,23 @@ def read_safetensors(path: Path, mmap: bool) -> Tuple[Dict[str, np.ndarray], Dic
 
 
 # --------------------------------------------------------------------- index
+class _Block:
+    """Buffers one re-rank block is copied into (frames as 8-byte words and as float32, Gram
+    matrices), allocated once per `score_rows` call: a fresh 25 MB tensor per block costs more in
+    page faults than the copy itself."""
+
+    def __init__(self, features: torch.Tensor, gram: Optional[torch.Tensor], rows: int):
+        n, f, d = features.shape
+        rows = max(1, rows)
+        words = f * d * features.element_size()
+        self.words = torch.empty(rows, max(1, words // 8), dtype=torch.int64)
+        self.frames = torch.empty(rows, f, d, dtype=torch.float32)
+        self.gram = None if gram is None else torch.empty(rows, *gram.shape[1:], dtype=gram.dtype)
+
+    def grams(self, gram: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(gram, 0, rows, out=self.gram[:len(rows)])
+
+
 class GalleryIndex:
     """Per-frame features (N, F, D) + frame mask + item ids/media/captions, with a FAISS index on top.
 
@@ -599,23 +618,33 @@ class GalleryIndex:
             return unit @ torch.from_numpy(self.pooled[rows.numpy()]).t()
         gram = self._gram_table(rerank, compute=False)
         out = torch.empty(text.shape[0], len(rows))
+        block = _Block(self.frame_features, gram, min(_RERANK_ROWS, len(rows)))
         for a in range(0, len(rows), _RERANK_ROWS):
             r = rows[a:a + _RERANK_ROWS]
-            out[:, a:a + len(r)] = self._rerank(rerank, text, self._gather(r), self.frame_mask[r],
-                                                None if gram is None else gram[r])
+            out[:, a:a + len(r)] = self._rerank(rerank, text, self._gather(r, block), self.frame_mask[r],
+                                                None if gram is None else block.grams(gram, r))
         return out
 
-    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+    def _gather(self, rows: torch.Tensor, block: Optional["_Block"] = None) -> torch.Tensor:
         """Frame features of `rows` as float32. Each item's frames are copied as one block of 8-byte
         words (torch's element-wise float16 indexing is slower); `score_rows` calls this on small
-        blocks of rows so that the copies stay in cache."""
+        blocks of rows, into buffers it reuses (`_Block`), so that the copies stay in cache and no
+        block pays for fresh pages."""
         feats = self.frame_features
         n, f, d = feats.shape
+        m = len(rows)
         words = f * d * feats.element_size()
         if feats.is_contiguous() and words % 8 == 0 and feats.data_ptr() % 8 == 0:
-            block = feats.view(n, f * d).view(torch.int64).index_select(0, rows)
-            return block.view(feats.dtype).view(len(rows), f, d).float()
-        return feats[rows].float()
+            src = feats.view(n, f * d).view(torch.int64)
+            picked = src.index_select(0, rows) if block is None else torch.index_select(src, 0, rows, out=block.words[:m])
+            half = picked.view(feats.dtype).view(m, f, d)
+        else:
+            half = feats[rows]
+        if block is None:
+            return half.float()
+        out = block.frames[:m]
+        out.copy_(half)
+        return out
 
     @property
     def list_members(self):
@@ -629,7 +658,8 @@ class GalleryIndex:
 
     def probe_candidates(self, text_features: torch.Tensor, probe: int) -> List[np.ndarray]:
         """Per query, the sorted rows of every item with a candidate vector in the `probe` IVF lists
-        chosen for it (`xmodal.ivf_lists`: the lists of its best-matching vectors; no top-K cut)."""
+        chosen for it (`xmodal.ivf_lists`: the lists of its best-matching vectors, then of its nearest
+        centroids; no top-K cut)."""
         text = torch.nn.functional.normalize(self._query(text_features), dim=-1).numpy()
         members = self.list_members
         return [members.members(lists) for lists in members.choose_lists(self.faiss, text, probe)]
@@ -652,7 +682,8 @@ class GalleryIndex:
         Two-stage (default): FAISS finds `candidates` items per query over the mean-pooled vectors and
         `rerank(text (Q,D), frames (C,F,D), mask (C,F)) -> (Q, C)` re-scores them with a pooling head
         (e.g. text-conditioned pooling). `probe=P` (IVF indices) takes instead every item with a vector
-        in the (at most P) lists holding the query's best-matching vectors and re-scores all of them;
+        in P lists (those holding the query's best-matching vectors, then those of its nearest centroids)
+        and re-scores all of them;
         `candidates` is then unused.
         `exact=True` scores every item with the head. `stats`, when given, receives "candidates": the
         number of items re-scored for each query.

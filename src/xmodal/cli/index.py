@@ -46,9 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--faiss-params", default=None, help="FAISS search parameters stored with the index, "
                                                         "e.g. nprobe=32 or efSearch=128")
     p.add_argument("--probe", type=int, default=None, metavar="LISTS",
-                   help="IVF indices: search re-ranks every item in the (at most LISTS) lists holding the "
-                        "query's best frames instead of FAISS's top-K (stored with the index; default: 1/32 of the lists for IVF over "
-                        "frames, see benchmarks/search_speed.py)")
+                   help="IVF indices: search re-ranks every item in LISTS lists (those holding the query's best "
+                        "frames, then those of its nearest centroids) instead of FAISS's top-K (stored with the index; "
+                        "default: 1/24 of the lists for IVF over frames, see benchmarks/search_speed.py)")
     p.set_defaults(func=run)
 
 

@@ -3,8 +3,8 @@
 Rebuilds the model recorded in the index (backbone, weights, adapter), encodes the queries,
 takes candidates from the FAISS index and re-ranks them with the index's pooling head
 (text-conditioned pooling needs the query, so it runs on the candidates only): FAISS's top
-`--candidates`, or on IVF indices every item in the (at most `--probe`) lists holding the
-query's best frames (the index's recorded probe by default). `--exact` scores every item with
+`--candidates`, or on IVF indices every item in `--probe` lists (those holding the query's
+best frames, then those of its nearest centroids; the index's recorded probe by default). `--exact` scores every item with
 the head instead. Empty queries are refused. An index
 built with `--allow-missing` is partial: a note on stderr says how many items it lacks.
 """
@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=None,
                    help="FAISS candidates re-ranked per query (default 100, or the index's recorded --probe)")
     p.add_argument("--probe", type=int, default=None, metavar="LISTS",
-                   help="IVF indices: re-rank every item in the (at most LISTS) lists holding the query's best frames")
+                   help="IVF indices: re-rank every item in LISTS lists (those holding the query's best frames, "
+                        "then those of its nearest centroids)")
     p.add_argument("--exact", action="store_true",
                    help="score every item with the pooling head (no FAISS candidate stage)")
     p.add_argument("--json", action="store_true", help="print results as JSON")

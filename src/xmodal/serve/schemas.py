@@ -72,9 +72,9 @@ class SearchRequest(BaseModel):
                                       description="FAISS candidates re-ranked by the pooling head (default 1000)")
     exact: bool = Field(False, description="score every item with the pooling head (no FAISS shortlist)")
     probe: Optional[int] = Field(None, ge=1, le=MAX_PROBE,
-                                 description="IVF indices: re-rank every item in the (at most `probe`) lists "
-                                             "holding the query's best frames (default: the index's recorded "
-                                             "probe, else `candidates`)")
+                                 description="IVF indices: re-rank every item in `probe` lists (those "
+                                             "holding the query's best frames, then those of its nearest "
+                                             "centroids; default: the index's recorded probe, else `candidates`)")
 
 
 class Moment(BaseModel):
