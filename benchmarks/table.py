@@ -8,7 +8,8 @@
 The budget is read off the training curves, not the clock: `--curves` trains every main
 method once (seed 0) for `--curve-epochs` full epochs, logs every update's loss and finds
 each method's plateau (the first update after which the smoothed loss stays within 5 % of
-its total decrease from the final level); the recommended budget is the slowest method's
+its total decrease from the final level) at a constant lr after the warm-up (a decaying lr
+would flatten every curve by itself); the recommended budget is the slowest method's
 plateau, rounded up to whole epochs, and `--budget-from` runs the table at it.
 
 Seeds: the seed claims' methods (`SEEDED_METHODS`: full fine-tuning, partial, projection,
@@ -199,7 +200,8 @@ def protocol(args: argparse.Namespace) -> Dict[str, Any]:
             "images": args.images,
             "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
             "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
-            "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision}
+            "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision,
+            **({"schedule": "constant lr after warm-up"} if getattr(args, "constant_lr", False) else {})}
 
 
 # ------------------------------------------------------------------------- data
@@ -247,6 +249,7 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
         method={"name": row.method or "none (zero-shot: evaluated, never trained)", **dict(row.options)},
         head=HeadConfig(pooling="text_conditioned" if video else "mean"),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=lr, device=args.device,
+                          min_lr_ratio=1.0 if getattr(args, "constant_lr", False) else 0.0,
                           precision=args.precision, seed=seed, max_steps_per_epoch=steps or None, progress=False,
                           tensorboard=False, eval_every=0, log_every=10**9),
         eval=EvalConfig(batch_size=64),
@@ -627,10 +630,13 @@ def curves_figure(curves: Dict[str, Dict[str, Any]], path: Path) -> Path:
 
 
 def run_curves(args: argparse.Namespace, rows: List[Row]) -> Dict[str, Any]:
-    """Train every main method once (first seed) for --curve-epochs full epochs; plateau per method."""
-    import dataclasses
+    """Train every main method once (first seed) for --curve-epochs full epochs; plateau per method.
 
+    The lr stays constant after the warm-up: under the table's cosine decay every loss flattens as the
+    lr goes to zero (a 6-epoch cosine run put all seven claim methods' plateaus at 83-89% of it), so a
+    plateau there says when the schedule ends, not when the method has converged."""
     args.epochs, args.video_steps, args.image_steps = args.curve_epochs, 0, 0
+    args.constant_lr = True
     roots = prepare_data(args)
     out = Path(args.out)
     curves: Dict[str, Dict[str, Any]] = {}

@@ -199,5 +199,14 @@ def test_curves_mode_writes_the_figure_and_a_budget_the_table_can_run_at(table, 
     assert curve["updates"] == 2 * 2 and len(curve["losses"]) == 4 and 1 <= curve["plateau_step"] <= 4
     assert curves["recommended"]["epochs"] == math.ceil(curve["plateau_step"] / 2)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the curves keep the lr constant after the warm-up (a decaying lr flattens any curve by itself)
+    assert curves["protocol"]["schedule"] == "constant lr after warm-up"
+    record = json.loads((out / "curves" / "image" / "projection.json").read_text())
+    assert record["protocol"]["schedule"] == "constant lr after warm-up"
+    args = table.parse_args([])
+    row = table.Row("projection", "projection")
+    assert table.run_config(args, "video", tmp_path, row, 0).train.min_lr_ratio == 0.0  # the table: cosine to 0
+    args.constant_lr = True
+    assert table.run_config(args, "video", tmp_path, row, 0).train.min_lr_ratio == 1.0
     args = table.parse_args(["--budget-from", str(out / "curves.json")])
     assert (args.epochs, args.video_steps, args.image_steps) == (curves["recommended"]["epochs"], 0, 0)
