@@ -173,6 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="take --epochs and full epochs (steps 0) from a --curves run's recommendation")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: seed 0, 2 updates, zero-shot + projection + cross_modal_adapter, 48/40 items")
+    p.set_defaults(constant_lr=False)  # --curves sets it: the lr stays constant after the warm-up
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.video_steps, args.image_steps = "0", 2, 2
@@ -201,7 +202,7 @@ def protocol(args: argparse.Namespace) -> Dict[str, Any]:
             "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
             "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
             "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision,
-            **({"schedule": "constant lr after warm-up"} if getattr(args, "constant_lr", False) else {})}
+            **({"schedule": "constant lr after warm-up"} if args.constant_lr else {})}
 
 
 # ------------------------------------------------------------------------- data
@@ -249,7 +250,7 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
         method={"name": row.method or "none (zero-shot: evaluated, never trained)", **dict(row.options)},
         head=HeadConfig(pooling="text_conditioned" if video else "mean"),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=lr, device=args.device,
-                          min_lr_ratio=1.0 if getattr(args, "constant_lr", False) else 0.0,
+                          min_lr_ratio=1.0 if args.constant_lr else 0.0,
                           precision=args.precision, seed=seed, max_steps_per_epoch=steps or None, progress=False,
                           tensorboard=False, eval_every=0, log_every=10**9),
         eval=EvalConfig(batch_size=64),

@@ -392,10 +392,14 @@ class _Block:
         words = f * d * features.element_size()
         self.words = torch.empty(rows, max(1, words // 8), dtype=torch.int64)
         self.frames = torch.empty(rows, f, d, dtype=torch.float32)
-        self.gram = None if gram is None else torch.empty(rows, *gram.shape[1:], dtype=gram.dtype)
+        self._gram_table = gram
+        self._grams = None if gram is None else torch.empty(rows, *gram.shape[1:], dtype=gram.dtype)
 
-    def grams(self, gram: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return torch.index_select(gram, 0, rows, out=self.gram[:len(rows)])
+    def grams(self, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """The cached Gram matrices of `rows` (None when there is no cache)."""
+        if self._gram_table is None:
+            return None
+        return torch.index_select(self._gram_table, 0, rows, out=self._grams[:len(rows)])
 
 
 class GalleryIndex:
@@ -622,7 +626,7 @@ class GalleryIndex:
         for a in range(0, len(rows), _RERANK_ROWS):
             r = rows[a:a + _RERANK_ROWS]
             out[:, a:a + len(r)] = self._rerank(rerank, text, self._gather(r, block), self.frame_mask[r],
-                                                None if gram is None else block.grams(gram, r))
+                                                block.grams(r))
         return out
 
     def _gather(self, rows: torch.Tensor, block: Optional["_Block"] = None) -> torch.Tensor:
