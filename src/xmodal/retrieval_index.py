@@ -383,8 +383,8 @@ def read_safetensors(path: Path, mmap: bool) -> Tuple[Dict[str, np.ndarray], Dic
 # --------------------------------------------------------------------- index
 class _Block:
     """Buffers one re-rank block is copied into (frames as 8-byte words and as float32, Gram
-    matrices), allocated once per `score_rows` call: a fresh 25 MB tensor per block costs more in
-    page faults than the copy itself."""
+    matrices), allocated once per `score_rows` call instead of a fresh 25 MB tensor (and its page
+    faults) per block."""
 
     def __init__(self, features: torch.Tensor, gram: Optional[torch.Tensor], rows: int):
         n, f, d = features.shape
