@@ -286,22 +286,22 @@ def test_save_is_atomic(tiny_backbone_factory, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     _perturb(model, seed=2)  # a newer state whose save fails half-way through the weights file
-    real_save = ckpt.save_file
+    real_save = ckpt.save_safetensors
 
     def failing_save(tensors, path, metadata=None):
-        real_save(dict(list(tensors.items())[:2]), path, metadata=metadata)
+        real_save(dict(list(tensors.items())[:2]), path, metadata)
         with open(path, "ab") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    monkeypatch.setattr(ckpt, "save_safetensors", failing_save)
     with pytest.raises(XModalError, match="disk full"):  # xmodal.atomic's one-line WriteError
         model.save_adapter(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temp dirs left behind
 
     # a failure while swapping directories puts the previous checkpoint back as well
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    monkeypatch.setattr(ckpt, "save_safetensors", real_save)
     import xmodal.atomic as atomic_module
 
     real_replace = atomic_module.os.replace

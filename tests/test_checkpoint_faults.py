@@ -197,7 +197,7 @@ def test_full_disk_is_one_line_and_leaves_no_temp(tmp_path, model, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck, "save_file", full)
+    monkeypatch.setattr(ck, "save_safetensors", full)
     with pytest.raises(WriteError, match="no space left on device"):
         _save(last, m, opt, 2)
     monkeypatch.undo()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from xmodal.atomic import atomic_write_bytes
 from xmodal.errors import CheckpointMismatchError, DataError, XModalError
+from xmodal.safetensors_file import safetensors_bytes
 
 LOGIT_SCALE_MAX = math.log(100.0)
 #: config fields that must match for --resume (they change what the run computes)
@@ -260,9 +261,7 @@ def _atomic_json(path: Path, obj) -> None:
 
 
 def _atomic_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save as st_save
-
-    atomic_write_bytes(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def export_state(clip: torch.nn.Module, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:

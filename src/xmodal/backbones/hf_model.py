@@ -19,7 +19,6 @@ from typing import Dict, Mapping, Tuple, Union
 
 import torch
 from open_clip.transformer import QuickGELU
-from safetensors.torch import save_file
 from torch import nn
 
 from xmodal.atomic import atomic_directory
@@ -28,6 +27,7 @@ from xmodal.backbones.openclip_checkpoint import _clip_of, check_tensors, cpu_te
 from xmodal.backbones.weight_file import CONTAINER_SAFETENSORS, CONTAINER_TORCHSCRIPT, read_weight_file
 from xmodal.errors import XModalError
 from xmodal.safe_pickle import UnsafeFileError
+from xmodal.safetensors_file import save_safetensors
 
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -310,5 +310,5 @@ def save_hf_clip(model: nn.Module, directory: Union[str, os.PathLike], fp16: boo
     tensors = openclip_to_hf(cpu_tensors(clip, fp16), source=str(getattr(model, "name", type(clip).__name__)))
     with atomic_directory(directory) as tmp:
         (tmp / HF_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
     return directory

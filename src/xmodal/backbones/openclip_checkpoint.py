@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from xmodal.atomic import atomic_file
 from xmodal.backbones.activation import uses_quick_gelu
 from xmodal.errors import XModalError
+from xmodal.safetensors_file import save_safetensors
 
 OPENCLIP_SAFE_NAME = "open_clip_model.safetensors"
 OPENCLIP_BIN_NAME = "open_clip_pytorch_model.bin"
@@ -110,6 +110,6 @@ def save_openclip_checkpoint(model: nn.Module, path: Union[str, os.PathLike], fp
         meta["xmodal.architecture"] = str(model.name)
     tensors = cpu_tensors(clip, fp16)
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, tmp, meta)
     return path
 

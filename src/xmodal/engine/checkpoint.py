@@ -37,10 +37,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from xmodal.atomic import WriteError, atomic_write_text, describe_write_error, ensure_dir, file_mode
 from xmodal.errors import CheckpointMismatchError, XModalError
+from xmodal.safetensors_file import save_safetensors
 
 OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_META = "optimizer.json"
@@ -183,7 +184,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     try:
-        save_file(tensors, str(path))
+        save_safetensors(tensors, path)
         os.chmod(path, file_mode())  # safetensors creates 0600; checkpoints follow the umask like every output
         with path.open("rb") as f:
             os.fsync(f.fileno())

@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from xmodal import __version__
 from xmodal.atomic import atomic_directory
 from xmodal.backbones.dual_encoder import TEXT, VISION
 from xmodal.errors import CheckpointMismatchError, XModalError
 from xmodal.methods.registry import config_from_dict
+from xmodal.safetensors_file import save_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,7 +72,7 @@ def save_adapter(model, directory, adapter_name: Optional[str] = None, extra: Op
         tensors.update({HEAD_PREFIX + k: v.detach().contiguous().cpu() for k, v in head_module.state_dict().items()})
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "method": method.name})
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt", "method": method.name})
     return directory
 
 

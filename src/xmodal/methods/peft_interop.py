@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from xmodal.atomic import atomic_directory
 from xmodal.errors import CheckpointMismatchError, XModalError
+from xmodal.safetensors_file import save_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -111,8 +112,8 @@ def export_peft(model, directory, base_model_name_or_path: Optional[str] = None)
     }
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt", "exported_from": "xmodal lora", "xmodal_backbone": str(getattr(backbone, "name", ""))})
+        save_safetensors(tensors, tmp / WEIGHTS_NAME,
+                         {"format": "pt", "exported_from": "xmodal lora", "xmodal_backbone": str(getattr(backbone, "name", ""))})
     return Path(directory)
 
 
