@@ -132,6 +132,10 @@ def test_seed_policy_gives_the_claims_methods_every_seed_and_the_rest_one(table)
     assert count["zero_shot"] == 1 and count["lora"] == 1
     assert count["cross_modal_adapter"] == 3 and count["msta"] == 3
     assert count["cross_modal_adapter-share=down"] == 3 and count["msta-consistency_weight=0.0"] == 3
+    assert count["cross_modal_adapter-d_s=0"] == 3 and count["mv_adapter-temporal=none"] == 3
+    # ablation settings no claim is decided on run the first seed only
+    assert count["cross_modal_adapter-d_s=32"] == 1 and count["cross_modal_adapter-positions=attn"] == 1
+    assert count["mv_adapter-cmt=false"] == 1 and count["cross_modal_adapter-form=parallel"] == 1
     assert table.seeds_for(table.Row("x", "prompt_tuning"), [4, 5]) == [4]
 
 
