@@ -206,8 +206,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def protocol(args: argparse.Namespace) -> Dict[str, Any]:
-    """What every run shares; stored with each result so that a changed protocol is not mixed in."""
-    return {"backbone": args.backbone, "pretrained": args.pretrained, "videos": args.videos, "order": args.order,
+    """What every run shares; stored with each result so that a changed protocol is not mixed in
+    (the generator versions too: a record of another world is retrained, never reused)."""
+    from xmodal.synth.world import GENERATOR_VERSIONS
+
+    return {"generators": {"videos": GENERATOR_VERSIONS["videos"], "shifted-images": GENERATOR_VERSIONS["shifted-images"]},
+            "backbone": args.backbone, "pretrained": args.pretrained, "videos": args.videos, "order": args.order,
             "images": args.images,
             "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
             "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,

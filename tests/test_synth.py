@@ -394,3 +394,16 @@ def test_cli_synth_and_errors(tmp_path, capsys):
     assert "--split-order=4" in capsys.readouterr().err and not (tmp_path / "v").exists()
     with pytest.raises(XModalError, match="events"):
         write_video_set(tmp_path / "w", n=4, n_test=1, events=5, progress=False)
+
+
+def test_training_split_has_the_test_share_of_order_groups(tmp_path):
+    """Grouped (order-variant) clips make up the same share of the training clips as of the test clips.
+
+    Generator version 2 drew each training *story* as grouped with that share, so with groups of four
+    most training clips were order variants of each other (here 0.8 instead of 0.5).
+    """
+    write_video_set(tmp_path, n=150, n_test=20, n_order=20, seed=1, image_size=32, fps=1.0, seconds_per_event=1.0,
+                    events=2, group_size=4, captions_train=1, progress=False, workers=1)
+    sizes = [len(g) for g in _groups(tmp_path, "train").values()]
+    share = sum(s for s in sizes if s > 1) / sum(sizes)
+    assert 0.3 <= share <= 0.68, share

@@ -45,7 +45,9 @@ from xmodal.synth.scenes import (
 )
 
 #: per set: bumped whenever the same arguments would write different files
-GENERATOR_VERSIONS = {"images": 1, "videos": 2, "shifted-images": 1}
+#: videos 3: the train split's grouped clips match the test's share of clips (version 2 drew a
+#: story as grouped with that share, so two thirds of its training clips were order variants)
+GENERATOR_VERSIONS = {"images": 1, "videos": 3, "shifted-images": 1}
 _SET_CODES = {"images": 1, "videos": 2, "shifted-images": 3}
 _SPLIT_CODES = {"train": 0, "test": 1, "test_order": 2}
 
@@ -260,7 +262,8 @@ def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, see
     register. `test` holds distinct stories, as a retrieval benchmark does; `test_order`
     holds groups of up to `group_size` hard negatives (same actors, backdrop and camera;
     events swapped in order and/or one event played backwards) that only time tells apart.
-    Training mixes both kinds in the test's proportion; a group never straddles a split.
+    Training mixes both kinds in the test's proportion of clips (`n_order / (n_test + n_order)`
+    of the training clips belong to such groups); a group never straddles a split.
     Each clip lasts `events * seconds_per_event` seconds at `fps`.
 
     Stories, captions and ids are drawn first, in order, in this process; the clips are then
@@ -284,7 +287,10 @@ def write_video_set(out: str | os.PathLike, n: int = 900, n_test: int = 200, see
     out = Path(out)
     t0 = time.time()
     bar = _progress(n, "synth videos", progress)
-    grouped_share = n_order / (n_test + n_order)
+    # a story is grouped with probability p so that grouped clips make up the test's share s of the
+    # clips: s = g*p / (g*p + 1 - p), i.e. p = s / (g - (g - 1) * s)
+    clip_share = n_order / (n_test + n_order)
+    grouped_share = clip_share / (group_size - (group_size - 1) * clip_share)
 
     def items(split: str, count: int, n_caps: int) -> Iterator[Tuple[dict, dict]]:
         made, g = 0, 0
