@@ -30,11 +30,14 @@ from typing import Any, Dict, List
 import numpy as np
 
 
-def k_occurrence(sim: np.ndarray, k: int) -> np.ndarray:
-    """N_k: for every column, the number of rows that have it among their k highest scores."""
-    k = min(k, sim.shape[1])
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    return np.bincount(top.ravel(), minlength=sim.shape[1])
+def ranking(sim: np.ndarray) -> np.ndarray:
+    """Each row's columns from highest to lowest score (ties: the first column first)."""
+    return np.argsort(-sim, axis=1, kind="stable")
+
+
+def k_occurrence(order: np.ndarray, k: int) -> np.ndarray:
+    """N_k from a `ranking`: for every column, the number of rows that have it among their top k."""
+    return np.bincount(order[:, :k].ravel(), minlength=order.shape[1])
 
 
 def skewness(x: np.ndarray) -> float:
@@ -45,12 +48,13 @@ def skewness(x: np.ndarray) -> float:
 
 def hubness(sim: np.ndarray, truth: List[int]) -> Dict[str, Any]:
     """The statistics above for one (queries x gallery) similarity matrix."""
-    n1 = k_occurrence(sim, 1)
+    order = ranking(sim)
+    n1 = k_occurrence(order, 1)
     wins = np.sort(n1)[::-1]
-    top1 = sim.argmax(axis=1)
+    top1 = order[:, 0]
     return {"queries": int(sim.shape[0]), "gallery": int(sim.shape[1]), "top1_items": int((n1 > 0).sum()),
             "top1_max": int(wins[0]), "top1_share_top5": round(float(wins[:5].sum() / sim.shape[0]), 4),
-            "skew_N10": round(skewness(k_occurrence(sim, 10)), 3),
+            "skew_N10": round(skewness(k_occurrence(order, 10)), 3),
             "R@1": round(100.0 * float(np.mean(top1 == np.asarray(truth))), 2)}
 
 

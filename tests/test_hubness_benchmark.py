@@ -45,7 +45,7 @@ def test_one_hub_wins_every_query(hub, tmp_path):
     r = hub.hubness(*hub.load(tmp_path / "hub"))
     assert r["top1_items"] == 1 and r["top1_max"] == 20 and r["top1_share_top5"] == 1.0
     assert r["R@1"] == 5.0  # only query 7 is right
-    assert hub.k_occurrence(sim, 10)[7] == 20
+    assert hub.k_occurrence(hub.ranking(sim), 10)[7] == 20
 
 
 def test_skewness_is_zero_for_a_flat_spread_and_positive_with_a_hub(hub):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from xmodal.atomic import atomic_write_bytes
 from xmodal.errors import CheckpointMismatchError, DataError, XModalError
-from xmodal.safetensors_file import safetensors_bytes
+from xmodal.safetensors_file import write_safetensors
 
 LOGIT_SCALE_MAX = math.log(100.0)
 #: config fields that must match for --resume (they change what the run computes)
@@ -260,10 +260,6 @@ def _atomic_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
-def _atomic_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
-
-
 def export_state(clip: torch.nn.Module, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
     """The OpenCLIP state dict (its own key names) cast to `dtype` for release."""
     return {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
@@ -289,7 +285,7 @@ def save_checkpoint(out: Path, step: int, clip, optimizer, state: Dict) -> Path:
             if torch.is_tensor(value):
                 tensors[f"optim.{names[id(p)]}.{key}"] = value
     fname = f"state-{step:07d}.safetensors"
-    _atomic_safetensors(folder / fname, tensors, {"step": str(step)})
+    write_safetensors(folder / fname, tensors, {"step": str(step)})
     _atomic_json(folder / CKPT_POINTER, {**state, "step": step, "file": fname})
     for old in folder.glob("state-*.safetensors"):
         if old.name != fname:
@@ -483,7 +479,7 @@ def _release(cfg: PretrainConfig, clip, backbone, held_out: Optional[Corpus], tr
             "seed": str(cfg.seed), "producer": "xmodal pretrain"}
     if len(acts) == 1:  # tells the loader which MLP activation the weights were trained with
         meta[ACTIVATION_META] = "quick_gelu" if acts.pop() else "gelu"
-    _atomic_safetensors(out / "model.safetensors", state, meta)
+    write_safetensors(out / "model.safetensors", state, meta)
     # evaluate the released fp16 weights, not the fp32 training copy
     clip.load_state_dict({k: v.to(clip.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
     metrics = zero_shot(clip, backbone.tokenize, held_out, cfg.device, limit=cfg.eval_max) if held_out else {}

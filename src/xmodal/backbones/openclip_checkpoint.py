@@ -14,10 +14,9 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from xmodal.atomic import atomic_file
 from xmodal.backbones.activation import uses_quick_gelu
 from xmodal.errors import XModalError
-from xmodal.safetensors_file import save_safetensors
+from xmodal.safetensors_file import write_safetensors
 
 OPENCLIP_SAFE_NAME = "open_clip_model.safetensors"
 OPENCLIP_BIN_NAME = "open_clip_pytorch_model.bin"
@@ -109,7 +108,5 @@ def save_openclip_checkpoint(model: nn.Module, path: Union[str, os.PathLike], fp
     if getattr(model, "name", None):
         meta["xmodal.architecture"] = str(model.name)
     tensors = cpu_tensors(clip, fp16)
-    with atomic_file(path) as tmp:
-        save_safetensors(tensors, tmp, meta)
-    return path
+    return write_safetensors(path, tensors, meta)
 
