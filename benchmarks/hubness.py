@@ -13,7 +13,9 @@ rank 1 from the right item and so lowers R@1 without hurting R@10 much (Radovano
   won by the 5 biggest winners;
 - `skew_N10`: skewness of the 10-occurrence N_10 (how often each item is in a query's top 10), the
   standard hubness measure (0 for a symmetric spread, large and positive with hubs);
-- `R@1`: t2v recall@1 recomputed from the matrix (ground truth: the row's `item_id`), as a check.
+- `R@1`: t2v recall@1 recomputed from the matrix (ground truth: the row's `item_id`), as a check;
+- `run`: the provenance record of `metrics.json` in the same folder (weights, adapter, data, counts),
+  printed as one line per folder; a folder without it is printed as "provenance unknown".
 
 Ties: rank 1 is the first column among equal maxima, N_10 the first 10 of a stable sort; report
 which folder and matrix each line comes from. Writes JSON and prints a table.
@@ -58,6 +60,17 @@ def hubness(sim: np.ndarray, truth: List[int]) -> Dict[str, Any]:
             "R@1": round(100.0 * float(np.mean(top1 == np.asarray(truth))), 2)}
 
 
+def provenance(folder: Path):
+    """The `run` record `xmodal eval` wrote beside the matrix (weights, adapter, data, counts), or None."""
+    metrics = folder / "metrics.json"
+    if not metrics.is_file():
+        return None
+    try:
+        return json.loads(metrics.read_text()).get("run")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SystemExit(f"{metrics}: not a metrics.json written by `xmodal eval` ({exc})") from None
+
+
 def load(folder: Path):
     """sims.npy and the column of each row's ground-truth item, from an `xmodal eval --save-sims` folder."""
     sims_path, ids_path = folder / "sims.npy", folder / "sims_ids.json"
@@ -82,15 +95,19 @@ def main(argv=None) -> int:
     p.add_argument("folders", nargs="+", help="`xmodal eval --save-sims` output folders")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
+    from xmodal.provenance import describe_run
+
     results = {}
     for f in args.folders:
         sim, truth = load(Path(f))
-        results[str(f)] = hubness(sim, truth)
+        results[str(f)] = {**hubness(sim, truth), "run": provenance(Path(f))}
     head = f"{'folder':<40}{'queries':>8}{'gallery':>8}{'top1 items':>11}{'top1 max':>9}{'top5 share':>11}{'skew N10':>9}{'R@1':>6}"
     print(head)
     for f, r in results.items():
         print(f"{f[-40:]:<40}{r['queries']:>8}{r['gallery']:>8}{r['top1_items']:>11}{r['top1_max']:>9}"
               f"{r['top1_share_top5']:>11.2f}{r['skew_N10']:>9.2f}{r['R@1']:>6.1f}")
+    for f, r in results.items():  # what each line was measured on
+        print(f"{f}: " + (describe_run(r["run"]) if r["run"] else "provenance unknown (no metrics.json beside sims.npy)"))
     if args.out:
         from xmodal.atomic import atomic_write_json
 

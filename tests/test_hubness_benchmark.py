@@ -57,6 +57,13 @@ def test_main_writes_json_and_names_a_missing_folder(hub, tmp_path, capsys):
     _write(tmp_path / "a", np.eye(4))
     out = tmp_path / "h.json"
     assert hub.main([str(tmp_path / "a"), "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["results"][str(tmp_path / "a")]["top1_items"] == 4
+    rec = json.loads(out.read_text())["results"][str(tmp_path / "a")]
+    assert rec["top1_items"] == 4 and rec["run"] is None
+    assert "provenance unknown" in capsys.readouterr().out
+    run = {"pretrained": "xmodal", "weights_sha256": "ab" * 32, "adapter": None, "method": {"name": "zero_shot"}}
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({"t2v/R@1": 100.0, "run": run}))
+    assert hub.main([str(tmp_path / "a"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][str(tmp_path / "a")]["run"] == run
+    assert "weights xmodal sha256" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="sims.npy: not found"):
         hub.main([str(tmp_path / "missing")])
