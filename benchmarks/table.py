@@ -626,11 +626,12 @@ def curves_figure(curves: Dict[str, Dict[str, Any]], path: Path) -> Path:
     sets = sorted({c["set"] for c in curves.values()})
     fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)
     for ax, set_name in zip(axes[0], sets):
-        for key, c in curves.items():
-            if c["set"] != set_name:
-                continue
+        shown = [c for c in curves.values() if c["set"] == set_name]
+        colours = plt.get_cmap("tab20").colors  # 20 distinct colours: no two methods share one
+        for i, c in enumerate(shown):
             sm = smooth(c["losses"], max(5, len(c["losses"]) // 20))
-            (line,) = ax.plot(range(1, len(sm) + 1), sm, lw=1.2, label=c["method"])
+            (line,) = ax.plot(range(1, len(sm) + 1), sm, lw=1.2, label=c["method"], color=colours[i % 20],
+                              ls="-" if i < 20 else "--")
             ax.axvline(c["plateau_step"], color=line.get_color(), lw=0.6, ls=":")
         ax.set_title(f"{set_name} set: smoothed training loss (dotted: plateau)")
         ax.set_xlabel("update")
