@@ -168,7 +168,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone-lr", type=float, default=1e-4, help="lr of full fine-tuning and partial")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's choice; with --jobs, per run and 1 by default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at a time, each in its own process (a GPU shares one card between them)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new run after this many seconds; what finished is reported, the rest listed")
     p.add_argument("--speed-steps", type=int, default=1, help="train_speed.py: measured steps per round")
     p.add_argument("--speed-rounds", type=int, default=2, help="train_speed.py: interleaved rounds")
     p.add_argument("--no-speed", action="store_true", help="skip the step-time/peak-memory columns")
@@ -193,7 +198,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.no_ablations = True
         args.speed_rounds = 1
     if args.budget_from:
-        rec = json.loads(Path(args.budget_from).read_text())["recommended"]
+        curves = json.loads(Path(args.budget_from).read_text())
+        if curves.get("missing"):  # a budget read off some curves only may be too short for the others
+            p.error(f"--budget-from {args.budget_from}: the curves of {', '.join(curves['missing'])} are missing; "
+                    f"finish them with --curves first")
+        rec = curves["recommended"]
         args.epochs, args.video_steps, args.image_steps = int(rec["epochs"]), 0, 0
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.set_list = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -202,6 +211,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--sets: expected names from {sorted(SETS)}, got {args.sets!r}")
     if not args.seed_list:
         p.error("--seeds: expected at least one seed")
+    if args.jobs < 1:
+        p.error(f"--jobs: expected a positive number of parallel runs, got {args.jobs}")
     return args
 
 
@@ -338,6 +349,68 @@ def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, see
             "options": dict(row.options), "seed": seed, "trainable": trainable, "total": total,
             "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1),
             "protocol": protocol(args), **extra}
+
+
+# -------------------------------------------------------------------- execution
+Job = Tuple[str, Row, int]  # (set, row, seed)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def execute(args: argparse.Namespace, todo: Sequence[Job], roots: Dict[str, Path], on_record,
+            deadline: Optional[float] = None) -> Tuple[List[str], List[Job]]:
+    """Train every job (`--jobs` at a time, each in a spawned process of its own), calling
+    `on_record(job, record)` in this process as each one finishes, in finishing order.
+
+    Runs are independent (each seeds itself and writes nothing another reads), so running them
+    side by side changes no number. After `deadline` no new run starts; the ones under way
+    finish. Returns (failures, jobs left unrun by the deadline)."""
+    failures: List[str] = []
+    skipped: List[Job] = []
+
+    def failed(job: Job, exc: BaseException) -> None:
+        failures.append(f"{job[0]} {job[1].slug} seed {job[2]}: {type(exc).__name__}: {exc}")
+        print(f"FAILED {failures[-1]}", flush=True)
+
+    def over() -> bool:
+        return deadline is not None and time.time() > deadline
+
+    if args.jobs <= 1:
+        for job in todo:
+            if over():
+                skipped.append(job)
+                continue
+            try:
+                rec = train_one(args, job[0], roots[job[0]], job[1], job[2])
+            except Exception as exc:  # one broken configuration must not cost the others' hours
+                failed(job, exc)
+                continue
+            on_record(job, rec)
+        return failures, skipped
+
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(args.threads or 1,)) as pool:
+        pending = {pool.submit(train_one, args, s, roots[s], row, seed): (s, row, seed) for s, row, seed in todo}
+        while pending:
+            done, _ = wait(list(pending), timeout=2.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = pending.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    failed(job, exc)
+                else:
+                    on_record(job, fut.result())
+            if over():
+                for fut in [f for f in pending if f.cancel()]:
+                    skipped.append(pending.pop(fut))
+    return failures, skipped
 
 
 # ------------------------------------------------------------------------ speed
@@ -645,7 +718,7 @@ def curves_figure(curves: Dict[str, Dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def run_curves(args: argparse.Namespace, rows: List[Row]) -> Dict[str, Any]:
+def run_curves(args: argparse.Namespace, rows: List[Row], deadline: Optional[float] = None) -> Dict[str, Any]:
     """Train every main method once (first seed) for --curve-epochs full epochs; plateau per method.
 
     The lr stays constant after the warm-up: under the table's cosine decay every loss flattens as the
@@ -655,26 +728,42 @@ def run_curves(args: argparse.Namespace, rows: List[Row]) -> Dict[str, Any]:
     args.constant_lr = True
     roots = prepare_data(args)
     out = Path(args.out)
+    seed = args.seed_list[0]
+    proto = protocol(args)
+
+    def path_of(set_name: str, row: Row) -> Path:
+        return out / "curves" / set_name / f"{row.slug}.json"
+
+    def finished(path: Path) -> bool:
+        return path.is_file() and json.loads(path.read_text()).get("protocol") == proto
+
+    trained = [(s, row) for s in args.set_list for row in rows if row.method is not None]
+    todo = [(s, row, seed) for s, row in trained if args.force or not finished(path_of(s, row))]
+
+    def on_record(job: Job, rec: Dict[str, Any]) -> None:
+        _write_json(path_of(job[0], job[1]), rec)
+        print(f"curve: {job[0]} {job[1].slug} ({args.curve_epochs} epochs, {rec['seconds']:.0f} s)", flush=True)
+
+    failures, skipped = execute(args, todo, roots, on_record, deadline)
     curves: Dict[str, Dict[str, Any]] = {}
     steps_per_epoch: Dict[str, int] = {}
-    seed = args.seed_list[0]
-    for set_name in args.set_list:
-        for row in rows:
-            if row.method is None:
-                continue
-            path = out / "curves" / set_name / f"{row.slug}.json"
-            if path.is_file() and not args.force and json.loads(path.read_text()).get("protocol") == protocol(args):
-                rec = json.loads(path.read_text())
-            else:
-                print(f"curve: {set_name} {row.slug} ({args.curve_epochs} epochs)", flush=True)
-                rec = train_one(args, set_name, roots[set_name], row, seed)
-                _write_json(path, rec)
-            losses = rec["losses"]
-            steps_per_epoch[set_name] = rec["updates"] // max(args.curve_epochs, 1)
-            curves[f"{set_name}/{row.slug}"] = {"set": set_name, "method": row.slug, "losses": losses,
-                                                "plateau_step": plateau_step(losses), "updates": rec["updates"]}
-    report = {"protocol": protocol(args), "seed": seed, "curves": curves,
-              "recommended": recommend_budget(curves, steps_per_epoch)}
+    missing = []
+    for set_name, row in trained:
+        path = path_of(set_name, row)
+        if not finished(path):
+            missing.append(f"{set_name}/{row.slug}")
+            continue
+        rec = json.loads(path.read_text())
+        losses = rec["losses"]
+        steps_per_epoch[set_name] = rec["updates"] // max(args.curve_epochs, 1)
+        curves[f"{set_name}/{row.slug}"] = {"set": set_name, "method": row.slug, "losses": losses,
+                                            "plateau_step": plateau_step(losses), "updates": rec["updates"]}
+    if missing:  # a budget chosen without them could be too short for exactly those methods
+        print(f"curves missing for {len(missing)} method(s) ({', '.join(missing)}): the recommendation "
+              f"below covers only the others; rerun to finish them", file=sys.stderr)
+    report = {"protocol": proto, "seed": seed, "curves": curves,
+              "recommended": recommend_budget(curves, steps_per_epoch),
+              **({"missing": missing} if missing else {}), **({"failures": failures} if failures else {})}
     _write_json(out / "curves.json", report)
     curves_figure(curves, out / "curves.png")
     rec = report["recommended"]
@@ -709,6 +798,8 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
     if args.device.startswith("cuda") and torch.cuda.is_available():
         machine = f"{torch.cuda.get_device_name()}, {args.precision}; " + machine
     verdicts = claims(records)
+    if args.jobs > 1:
+        machine += f"; {args.jobs} runs at a time"
     report = {"protocol": proto, "seeds": args.seed_list, "command": command, "machine": machine,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "seed_policy": {
                   "all_seeds": sorted(SEEDED_METHODS), "other_methods": args.seed_list[:1]},
@@ -768,54 +859,56 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    deadline = None if args.budget_s is None else t0 + args.budget_s
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = main_rows(methods)
     ablations = [] if args.no_ablations else ablation_rows()
     out = Path(args.out)
     if args.curves:
-        run_curves(args, rows)
-        return 0
+        report = run_curves(args, rows, deadline)
+        return 1 if report.get("missing") else 0
     speed_file = out / "speed.json"
     speed: Dict[str, Dict[str, Any]] = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
     failures: List[str] = []
+    skipped: List[Job] = []
     if not args.report_only:
         roots = prepare_data(args)
-        if not args.no_speed:
+        proto = protocol(args)
+        jobs = run_order(args, rows, ablations)
+        todo = [(s, row, seed) for s, row, seed in jobs if args.force or not (
+            result_path(args, s, row, seed).is_file()
+            and json.loads(result_path(args, s, row, seed).read_text()).get("protocol") == proto)]
+        left = {seed: sum(1 for j in todo if j[2] == seed) for seed in args.seed_list}
+        print(f"table: {len(todo)} of {len(jobs)} run(s) to train, {args.jobs} at a time", flush=True)
+
+        def on_record(job: Job, rec: Dict[str, Any]) -> None:
+            set_name, row, seed = job
+            _write_json(result_path(args, set_name, row, seed), rec)
+            print(f"{set_name:<6}{row.slug:<44}seed {seed}: t2v R@1 {rec['metrics']['t2v/R@1']:5.1f} "
+                  f"v2t R@1 {rec['metrics']['v2t/R@1']:5.1f} ({rec['seconds']:.0f} s; "
+                  f"{time.time() - t0:.0f} s in)", flush=True)
+            left[seed] -= 1
+            if left[seed] == 0:  # a whole seed is in: refresh the report
+                write_report(args, rows, ablations, speed, None)
+
+        failures, skipped = execute(args, todo, roots, on_record, deadline)
+        if not args.no_speed and not (deadline is not None and time.time() > deadline):
+            # measured after the runs, with nothing else on the machine
             names = [r.method for r in rows if r.method]
             for s in args.set_list:
                 if args.force or s not in speed or speed[s].get("shape") != speed_shape(args, s) \
                         or not set(names) <= set(speed[s].get("results", {})):
                     speed[s] = measure_speed(args, s, names)
                     _write_json(speed_file, speed)
-        from tqdm.auto import tqdm
-
-        jobs = run_order(args, rows, ablations)
-        bar = tqdm(jobs, desc="table runs", unit="run", dynamic_ncols=True)
-        done_seed = None
-        for set_name, row, seed in bar:
-            if done_seed is not None and seed != done_seed:  # a whole seed is in: refresh the report
-                write_report(args, rows, ablations, speed, None)
-                done_seed = None
-            path = result_path(args, set_name, row, seed)
-            if path.is_file() and not args.force and json.loads(path.read_text()).get("protocol") == protocol(args):
-                continue
-            bar.set_postfix_str(f"{set_name} {row.slug} seed {seed}")
-            try:
-                rec = train_one(args, set_name, roots[set_name], row, seed)
-            except Exception as exc:  # one broken configuration must not cost the others' hours
-                failures.append(f"{set_name} {row.slug} seed {seed}: {type(exc).__name__}: {exc}")
-                tqdm.write(f"FAILED {failures[-1]}")
-                continue
-            _write_json(path, rec)
-            done_seed = seed
-            tqdm.write(f"{set_name:<6}{row.slug:<44}seed {seed}: t2v R@1 {rec['metrics']['t2v/R@1']:5.1f} "
-                       f"v2t R@1 {rec['metrics']['v2t/R@1']:5.1f} ({rec['seconds']:.0f} s)")
     report = write_report(args, rows, ablations, speed, round(time.time() - t0, 1))
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
     if failures:
         print(f"{len(failures)} run(s) failed (rerun to retry them):\n  " + "\n  ".join(failures), file=sys.stderr)
-    return 0 if report["tables"] and not failures else 1
+    if skipped:
+        print(f"--budget-s {args.budget_s:g} ran out: {len(skipped)} run(s) not started (rerun to add them):\n  "
+              + "\n  ".join(f"{s} {row.slug} seed {seed}" for s, row, seed in skipped), file=sys.stderr)
+    return 0 if report["tables"] and not failures and not skipped else 1
 
 
 if __name__ == "__main__":

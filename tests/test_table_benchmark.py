@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -16,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("xmodal_table_benchmark", ROOT / "benchmarks" / "table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    # imported by its own name from benchmarks/ (as the script does): --jobs' spawned workers
+    # import the module that defines the run function again, by that name and sys.path
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import table as module
+
+    assert Path(module.__file__).resolve() == ROOT / "benchmarks" / "table.py"
     return module
 
 
@@ -214,3 +215,37 @@ def test_curves_mode_writes_the_figure_and_a_budget_the_table_can_run_at(table, 
     assert table.run_config(args, "video", tmp_path, row, 0).train.min_lr_ratio == 1.0
     args = table.parse_args(["--budget-from", str(out / "curves.json")])
     assert (args.epochs, args.video_steps, args.image_steps) == (curves["recommended"]["epochs"], 0, 0)
+
+
+def test_parallel_runs_write_the_records_a_serial_run_writes(table, tmp_path):
+    """--jobs 2 trains in spawned processes; every record's numbers equal the serial run's."""
+    argv = ARGS + ["--sets", "video", "--no-speed", "--seeds", "0"]
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert table.main(argv + ["--out", str(serial), "--work", str(tmp_path / "w1")]) == 0
+    assert table.main(argv + ["--out", str(parallel), "--work", str(tmp_path / "w2"), "--jobs", "2"]) == 0
+
+    def numbers(out):
+        recs = {p.relative_to(out).as_posix(): json.loads(p.read_text()) for p in (out / "records").rglob("*.json")}
+        return {k: (r["metrics"], r.get("order_metrics"), r.get("losses")) for k, r in recs.items()}
+
+    assert numbers(serial) == numbers(parallel) and len(numbers(serial)) == 3
+    assert "2 runs at a time" in json.loads((parallel / "table.json").read_text())["machine"]
+
+
+def test_budget_stops_new_runs_and_says_which_are_missing(table, tmp_path, capsys):
+    argv = ARGS + ["--sets", "video", "--no-speed", "--seeds", "0", "--out", str(tmp_path / "out"),
+                   "--work", str(tmp_path / "work"), "--budget-s", "0"]
+    assert table.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--budget-s 0 ran out: 3 run(s) not started" in err and "cross_modal_adapter seed 0" in err
+    assert not list((tmp_path / "out" / "records").rglob("*.json"))
+    with pytest.raises(SystemExit):
+        table.parse_args(["--jobs", "0"])
+
+
+def test_budget_from_refuses_curves_with_methods_missing(table, tmp_path, capsys):
+    curves = tmp_path / "curves.json"
+    curves.write_text(json.dumps({"recommended": {"epochs": 3}, "missing": ["video/vpt"]}))
+    with pytest.raises(SystemExit):
+        table.parse_args(["--budget-from", str(curves)])
+    assert "video/vpt" in capsys.readouterr().err
