@@ -42,16 +42,6 @@ def gains(zero: dict, runs: list) -> dict:
     return out
 
 
-def demo_training(overrides: list) -> dict:
-    """The training settings the demo ran with (its config plus `--set`), kept beside the numbers."""
-    from xmodal.cli.demo import DEMO_CONFIG
-    from xmodal.engine.config import load_config
-
-    cfg = load_config(DEMO_CONFIG, [kv for kv in overrides if not kv.startswith("train.seed=")])
-    return {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
-            "num_frames": cfg.data.num_frames, "pooling": cfg.head.pooling}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -81,6 +71,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"demo with seed {seed} failed (exit {rc.returncode})")
         runs.append(json.loads((out / "demo_summary.json").read_text()))
         print(f"  seed {seed}: {seconds[-1]} s", flush=True)
+    train = runs[0].get("train")
+    if train is None or any(r.get("train") != train for r in runs):
+        raise SystemExit("the demos' summaries do not all name the same training settings ('train')")
     zero = runs[0]["zero_shot"]
     if any(abs(r["zero_shot"][m] - zero[m]) > 1e-9 for r in runs for m in METRICS):
         raise SystemExit("zero-shot differs between runs: the world or the weights changed between seeds")
@@ -92,7 +85,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/demo_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d', time.gmtime())}",
         "seeds": seeds, "overrides": args.overrides, "seconds": seconds,
-        "first_run_includes_world": True, "world": runs[0].get("world"), "train": demo_training(args.overrides),
+        "first_run_includes_world": True, "world": runs[0].get("world"), "train": train,
         "method": runs[0]["method"], "trainable": runs[0]["trainable"],
         "run": runs[0].get("run"), "main": main_set, "order_subset": order,
         "verdict": all(v["gain_exceeds_spread"] for v in main_set.values()),

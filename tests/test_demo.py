@@ -30,6 +30,9 @@ def test_demo_end_to_end_writes_table_adapter_index_and_answer(tmp_path, capsys)
     # the table says what it was measured on: here random weights, the trained adapter, the tie rule
     assert "RANDOM WEIGHTS" in printed and "ties mean" in printed.replace("tie policy", "ties"), printed
     assert summary["run"]["pretrained"] == "random" and summary["run"]["tie_policy"] == "mean"
+    # the training settings it ran with (what benchmarks/demo_seeds.py copies into its record)
+    assert summary["train"] == {"epochs": 1, "batch_size": 4, "lr": summary["train"]["lr"], "num_frames": 2,
+                                "pooling": "text_conditioned"}
     assert len(summary["run"]["adapter_sha256"]) == 64 and summary["run"]["adapter_sha256"][:12] in printed
     table = (out / "demo_table.txt").read_text().splitlines()
     main_at = next(i for i, line in enumerate(table) if line.startswith("main test set: 8 captions x 8 videos"))

@@ -55,6 +55,13 @@ def _generate(data_dir: Path, n: int, n_test: int, n_order: int, seed: int, capt
                             f"--split-order {n_order} --captions-test {captions_test} --seed {seed}")
 
 
+def training_settings(cfg) -> dict:
+    """What the demo trained with (demo.yaml plus --set, the seed aside), written into its summary so
+    that a record of several demos (benchmarks/demo_seeds.py) copies it instead of re-deriving it."""
+    return {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
+            "num_frames": cfg.data.num_frames, "pooling": cfg.head.pooling}
+
+
 def _machine() -> str:
     """Where the numbers came from (the printed digits can depend on the CPU's vector units)."""
     import os
@@ -182,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                "query": query, "top5": [h.__dict__ for h in hits], "ground_truth": truth,
                "ground_truth_rank": truth_rank, "seconds": round(time.time() - t0, 1),
                "world": json.loads((data_dir / "synth.json").read_text()).get("command"),
+               "train": training_settings(cfg),
                "machine": _machine(), "run": run_info}
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "demo_table.txt", table + "\n")
