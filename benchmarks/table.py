@@ -172,6 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads (default: torch's choice; with --jobs, per run and 1 by default)")
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs at a time, each in its own process (a GPU shares one card between them)")
+    p.add_argument("--cache-frozen-prefix", action="store_true",
+                   help="CPU: reuse the output of the blocks below a method's lowest adapted one (projection, "
+                        "partial, MSTA); equal up to float rounding, so it is part of the protocol")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new run after this many seconds; what finished is reported, the rest listed")
     p.add_argument("--speed-steps", type=int, default=1, help="train_speed.py: measured steps per round")
@@ -227,7 +230,8 @@ def protocol(args: argparse.Namespace) -> Dict[str, Any]:
             "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
             "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
             "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision,
-            **({"schedule": "constant lr after warm-up"} if args.constant_lr else {})}
+            **({"schedule": "constant lr after warm-up"} if args.constant_lr else {}),
+            **({"cache_frozen_prefix": True} if getattr(args, "cache_frozen_prefix", False) else {})}
 
 
 # ------------------------------------------------------------------------- data
@@ -277,6 +281,7 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=lr, device=args.device,
                           min_lr_ratio=1.0 if args.constant_lr else 0.0,
                           precision=args.precision, seed=seed, max_steps_per_epoch=steps or None, progress=False,
+                          cache_frozen_prefix=bool(getattr(args, "cache_frozen_prefix", False)),
                           tensorboard=False, eval_every=0, log_every=10**9),
         eval=EvalConfig(batch_size=64),
         output_dir=str(Path(args.work) / "runs" / set_name / row.slug / f"seed{seed}"))

@@ -249,3 +249,15 @@ def test_budget_from_refuses_curves_with_methods_missing(table, tmp_path, capsys
     with pytest.raises(SystemExit):
         table.parse_args(["--budget-from", str(curves)])
     assert "video/vpt" in capsys.readouterr().err
+
+
+def test_frozen_prefix_cache_is_part_of_the_protocol_and_changes_no_result(table, tmp_path):
+    argv = ARGS + ["--sets", "video", "--no-speed", "--seeds", "0", "--methods", "projection"]
+    assert table.main(argv + ["--out", str(tmp_path / "plain"), "--work", str(tmp_path / "w")]) == 0
+    assert table.main(argv + ["--out", str(tmp_path / "cached"), "--work", str(tmp_path / "w"),
+                              "--cache-frozen-prefix"]) == 0
+    plain, cached = (json.loads((tmp_path / d / "records" / "video" / "projection" / "seed0.json").read_text())
+                     for d in ("plain", "cached"))
+    assert "cache_frozen_prefix" not in plain["protocol"] and cached["protocol"]["cache_frozen_prefix"] is True
+    assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert cached["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)

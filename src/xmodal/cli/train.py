@@ -24,8 +24,11 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last exactly where it stopped")
     p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
                    help="end this invocation after epoch N (resume later with --resume)")
-    fast = p.add_argument_group("fast path (GPU; same as train.<key>=true, see benchmarks/GPU.md)")
-    for flag, key, what in (("--compile", "compile", "torch.compile each tower whole, adapters traced in"),
+    fast = p.add_argument_group("fast path (same as train.<key>=true; GPU ones: see benchmarks/GPU.md)")
+    for flag, key, what in (("--cache-frozen-prefix", "cache_frozen_prefix",
+                             "CPU: reuse each frame's and caption's output of the blocks below the lowest "
+                             "adapted one (projection, partial, MSTA); exact up to float rounding"),
+                            ("--compile", "compile", "torch.compile each tower whole, adapters traced in"),
                             ("--fused-adapters", "fused_adapters", "one autograd node per adapter site"),
                             ("--cuda-graphs", "cuda_graphs", "capture the training step once and replay it "
                                                             "(CUDA, one micro-batch, fixed shapes)")):

@@ -77,6 +77,7 @@ class TrainConfig:
     fused_adapters: Optional[bool] = None  # one autograd node per adapter site (None: device default)
     bf16_frozen_weights: Optional[bool] = None  # store frozen weights in bf16 under bf16 autocast (exact)
     cuda_graphs: Optional[bool] = None     # capture the training step once, replay it (CUDA, fixed shapes)
+    cache_frozen_prefix: bool = False      # CPU: reuse the output of the blocks below the lowest adapted one
     seed: int = 42
     max_steps_per_epoch: Optional[int] = None
     log_every: int = 10                    # host sync (metrics rows, console line, divergence check) every N updates

@@ -161,6 +161,18 @@ class Trainer:
         # whole-tower compile, fused adapter sites, bf16-stored frozen weights (engine/fastpath.py)
         self.fast = prepare_fast_path(model, cfg, self.device, self.precision)
         self._undo.append(self.fast.close)
+        self.prefix_cache = None  # frozen-prefix cache (engine/prefix_cache.py), CPU opt-in
+        if getattr(cfg, "cache_frozen_prefix", False):
+            if self.device.type != "cpu":
+                raise XModalError(f"train.cache_frozen_prefix is a CPU option (keying a sample reads it on the host, "
+                                  f"a synchronisation per step here); got device {self.device}")
+            if any(a.startswith("compile") for a in self.fast.applied):
+                raise XModalError("train.cache_frozen_prefix and train.compile exclude each other (the compiled "
+                                  "tower would not call the cached transformer)")
+            from xmodal.engine.prefix_cache import FrozenPrefixCache
+
+            self.prefix_cache = FrozenPrefixCache(model.backbone)
+            self._undo.append(self.prefix_cache.close)
         self.graph = None  # CudaGraphStep, captured at the first eligible step
         named = model.named_trainable_parameters()
         if not named:
@@ -445,6 +457,7 @@ class FitResult:
     best_epoch: Optional[int] = None
     step_losses: List[float] = field(default_factory=list)
     dropped_items: Dict[int, str] = field(default_factory=dict)  # unreadable training items left out
+    prefix_cache: Optional[Dict[str, Any]] = None  # frozen-prefix cache statistics (train.cache_frozen_prefix)
 
 
 def _eval_due(epoch: int, cfg: TrainConfig) -> bool:
@@ -515,6 +528,11 @@ def fit(
     trainer = Trainer(model, head, tcfg, total_steps, info.device,
                       max_frames=getattr(data.train, "num_frames", None) or cfg.data.num_frames)
     last_dir = run_dir / "last"
+    if trainer.prefix_cache is not None and is_main:
+        depth = trainer.prefix_cache.stats.depth
+        log("frozen-prefix cache: " + (", ".join(f"{m} {d} of {len(model.backbone.blocks(m))} blocks"
+                                                 for m, d in depth.items()) if trainer.prefix_cache.active
+                                       else "no tower has an unadapted leading block; nothing is cached"))
 
     # ----------------------------------------------------------- resume
     start_epoch, best_score, best_epoch, best_metrics = 0, -math.inf, None, {}
@@ -625,10 +643,14 @@ def fit(
         result.global_step = trainer.global_step
         result.best_metrics, result.best_epoch = best_metrics, best_epoch
         result.dropped_items = dict(position.dropped)
+        if trainer.prefix_cache is not None:
+            result.prefix_cache = trainer.prefix_cache.stats.as_dict()
         if is_main and result.epochs_done == tcfg.epochs and result.final_metrics:
             final = {**result.final_metrics, "epoch": result.epochs_done, "best_epoch": best_epoch,
                      "best_score": best_score, "best_metric": tcfg.best_metric,
                      "dropped_train_items": len(position.dropped),
+                     **({"frozen_prefix_cache": trainer.prefix_cache.stats.as_dict()}
+                        if trainer.prefix_cache is not None else {}),
                      "run": train_run_record(cfg, model, data.eval, result.final_metrics, info.device,
                                              trainer.precision)}
             atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
