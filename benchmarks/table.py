@@ -343,7 +343,10 @@ def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, see
                  "last_loss": result.step_losses[-1], "losses": [round(float(x), 5) for x in result.step_losses]}
         written = Path(cfg.output_dir) / "metrics.json"  # fit's record of what was measured
         if written.is_file():
-            extra["run"] = json.loads(written.read_text()).get("run")
+            final = json.loads(written.read_text())
+            extra["run"] = final.get("run")
+            if final.get("frozen_prefix_cache"):  # what the cache covered and how often it was hit
+                extra["frozen_prefix_cache"] = final["frozen_prefix_cache"]
         if not args.keep_runs:  # the record below is what the table needs; checkpoints are large
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
     if set_name == "video":

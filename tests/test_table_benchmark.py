@@ -259,5 +259,6 @@ def test_frozen_prefix_cache_is_part_of_the_protocol_and_changes_no_result(table
     plain, cached = (json.loads((tmp_path / d / "records" / "video" / "projection" / "seed0.json").read_text())
                      for d in ("plain", "cached"))
     assert "cache_frozen_prefix" not in plain["protocol"] and cached["protocol"]["cache_frozen_prefix"] is True
+    assert cached["frozen_prefix_cache"]["depth"] == {"vision": 2, "text": 2} and "frozen_prefix_cache" not in plain
     assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert cached["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)
