@@ -17,7 +17,7 @@ from xmodal.methods import apply_method, config_from_dict
 def _model(method: str, **opts):
     torch.manual_seed(0)
     backbone = create_backbone("xmodal-test", "random", seed=0)
-    return apply_method(backbone, config_from_dict({"method": method, **opts}))
+    return apply_method(backbone, config_from_dict({"method": method, **opts})).train()  # as the Trainer sets it
 
 
 def _inputs(model, n=3):
@@ -88,9 +88,14 @@ def test_steps_aside_without_gradients_and_for_inputs_that_need_one():
     model = _model("projection")
     tokens, pixels = _inputs(model)
     cache = FrozenPrefixCache(model.backbone)
+    model.eval()
     with torch.no_grad():  # evaluation: every item once, nothing stored
         model(tokens, pixels)
     assert cache.stats.hits == cache.stats.misses == 0 and cache.stats.bypassed == 2 and cache.stats.bytes == 0
+    model.train()
+    with torch.no_grad():  # a training-time pass without gradients (MSTA's frozen branch) is cached
+        model(tokens, pixels)
+    assert cache.stats.misses == 3 + 3 * 2 and cache.stats.bypassed == 2
     cache.close()
 
     coop = _model("coop")  # learned context tokens enter the text tower: its input needs a gradient

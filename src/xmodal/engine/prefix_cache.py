@@ -11,9 +11,10 @@ bits of a float (a matrix product over fewer rows may round differently), so a r
 is recorded as such (`train.cache_frozen_prefix` in the run's config).
 
 Never used where it could be wrong or slow: not for an input that needs a gradient (prompt tokens
-entering the tower), not for a tower whose transformer carries hooks of its own, not without
-gradients (evaluation encodes each item once), and only on CPU (keying reads the activations on
-the host, a synchronisation per step on a GPU).
+entering the tower), not for a tower whose transformer carries hooks of its own, not in eval mode
+(evaluation encodes each item once; training-time passes without gradients, such as MSTA's frozen
+encoding of the descriptions, are cached), and only on CPU (keying reads the activations on the
+host, a synchronisation per step on a GPU).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class FrozenPrefixCache:
         batch_first = bool(getattr(transformer, "batch_first", True))
 
         def forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
-            if (not torch.is_grad_enabled() or x.requires_grad or x.device.type != "cpu" or x.dim() != 3
+            if (not transformer.training or x.requires_grad or x.device.type != "cpu" or x.dim() != 3
                     or getattr(transformer, "grad_checkpointing", False)):
                 self.stats.bypassed += 1
                 return original(x, attn_mask=attn_mask)
