@@ -142,3 +142,19 @@ def test_training_with_the_cache_matches_training_without(tmp_path):
     assert "frozen_prefix_cache" not in runs["plain"]
     for key in ("t2v/R@1", "v2t/R@1", "t2v/MnR"):
         assert runs["cached"][key] == pytest.approx(runs["plain"][key], abs=1e-6)
+
+
+def test_a_sample_repeated_within_a_batch_is_computed_once():
+    model = _model("projection")
+    tokens, pixels = _inputs(model)
+    pixels[:, 1] = pixels[:, 0]  # both frames of every clip are the same picture
+    reference = model(tokens, pixels)[1].detach()
+    cache = FrozenPrefixCache(model.backbone)
+    rows = []  # installed after the cache measured its depth: a hook is a trainable site to it
+    handle = model.backbone.blocks(VISION)[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    frames = model(tokens, pixels)[1].detach()
+    handle.remove()
+    assert rows == [3]  # the first block ran once, on the 3 distinct frames
+    assert cache.stats.misses == 3 + 3 and cache.stats.hits == 0  # 3 captions, 3 distinct frames
+    torch.testing.assert_close(frames, reference, rtol=0, atol=1e-6)
+    cache.close()

@@ -126,18 +126,16 @@ class FrozenPrefixCache:
                                        digest_size=16).digest()
         detached = x.detach()
         keys = [self._key(modality, detached[i], context) for i in range(x.shape[0])]
-        missing = [i for i, k in enumerate(keys) if k not in self._store]
-        missing = list(dict.fromkeys(missing))  # the same sample twice in a batch is computed once
+        # first index of each key not stored yet: the same sample twice in a batch is computed once
+        missing = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self._store}
         fresh: Dict[bytes, torch.Tensor] = {}
         if missing:
-            h = detached[missing]
+            h = detached[list(missing.values())]
             h = h if batch_first else h.transpose(0, 1).contiguous()
             for block in list(blocks)[:depth]:
                 h = block(h, attn_mask=attn_mask)
             h = h if batch_first else h.transpose(0, 1)
-            for j, i in enumerate(missing):
-                if keys[i] not in fresh:
-                    fresh[keys[i]] = h[j].detach().clone()
+            fresh = {k: h[j].detach().clone() for j, k in enumerate(missing)}
         self.stats.misses += len(fresh)
         self.stats.hits += sum(1 for k in keys if k in self._store)
         rows = []
