@@ -231,7 +231,7 @@ def protocol(args: argparse.Namespace) -> Dict[str, Any]:
             "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
             "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision,
             **({"schedule": "constant lr after warm-up"} if args.constant_lr else {}),
-            **({"cache_frozen_prefix": True} if getattr(args, "cache_frozen_prefix", False) else {})}
+            **({"cache_frozen_prefix": True} if args.cache_frozen_prefix else {})}
 
 
 # ------------------------------------------------------------------------- data
@@ -281,7 +281,7 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=lr, device=args.device,
                           min_lr_ratio=1.0 if args.constant_lr else 0.0,
                           precision=args.precision, seed=seed, max_steps_per_epoch=steps or None, progress=False,
-                          cache_frozen_prefix=bool(getattr(args, "cache_frozen_prefix", False)),
+                          cache_frozen_prefix=args.cache_frozen_prefix,
                           tensorboard=False, eval_every=0, log_every=10**9),
         eval=EvalConfig(batch_size=64),
         output_dir=str(Path(args.work) / "runs" / set_name / row.slug / f"seed{seed}"))
@@ -289,6 +289,11 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
 
 def result_path(args: argparse.Namespace, set_name: str, row: Row, seed: int) -> Path:
     return Path(args.out) / "records" / set_name / row.slug / f"seed{seed}.json"
+
+
+def finished_record(path: Path, proto: Dict[str, Any]) -> bool:
+    """A record of a finished run at this protocol is there (one of another protocol is not reused)."""
+    return path.is_file() and json.loads(path.read_text()).get("protocol") == proto
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -343,10 +348,9 @@ def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, see
                  "last_loss": result.step_losses[-1], "losses": [round(float(x), 5) for x in result.step_losses]}
         written = Path(cfg.output_dir) / "metrics.json"  # fit's record of what was measured
         if written.is_file():
-            final = json.loads(written.read_text())
-            extra["run"] = final.get("run")
-            if final.get("frozen_prefix_cache"):  # what the cache covered and how often it was hit
-                extra["frozen_prefix_cache"] = final["frozen_prefix_cache"]
+            extra["run"] = json.loads(written.read_text()).get("run")
+        if result.prefix_cache:  # what the frozen-prefix cache covered and how often it was hit
+            extra["frozen_prefix_cache"] = result.prefix_cache
         if not args.keep_runs:  # the record below is what the table needs; checkpoints are large
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
     if set_name == "video":
@@ -742,11 +746,8 @@ def run_curves(args: argparse.Namespace, rows: List[Row], deadline: Optional[flo
     def path_of(set_name: str, row: Row) -> Path:
         return out / "curves" / set_name / f"{row.slug}.json"
 
-    def finished(path: Path) -> bool:
-        return path.is_file() and json.loads(path.read_text()).get("protocol") == proto
-
     trained = [(s, row) for s in args.set_list for row in rows if row.method is not None]
-    todo = [(s, row, seed) for s, row in trained if args.force or not finished(path_of(s, row))]
+    todo = [(s, row, seed) for s, row in trained if args.force or not finished_record(path_of(s, row), proto)]
 
     def on_record(job: Job, rec: Dict[str, Any]) -> None:
         _write_json(path_of(job[0], job[1]), rec)
@@ -758,7 +759,7 @@ def run_curves(args: argparse.Namespace, rows: List[Row], deadline: Optional[flo
     missing = []
     for set_name, row in trained:
         path = path_of(set_name, row)
-        if not finished(path):
+        if not finished_record(path, proto):
             missing.append(f"{set_name}/{row.slug}")
             continue
         rec = json.loads(path.read_text())
@@ -883,9 +884,8 @@ def main(argv=None) -> int:
         roots = prepare_data(args)
         proto = protocol(args)
         jobs = run_order(args, rows, ablations)
-        todo = [(s, row, seed) for s, row, seed in jobs if args.force or not (
-            result_path(args, s, row, seed).is_file()
-            and json.loads(result_path(args, s, row, seed).read_text()).get("protocol") == proto)]
+        todo = [(s, row, seed) for s, row, seed in jobs
+                if args.force or not finished_record(result_path(args, s, row, seed), proto)]
         left = {seed: sum(1 for j in todo if j[2] == seed) for seed in args.seed_list}
         print(f"table: {len(todo)} of {len(jobs)} run(s) to train, {args.jobs} at a time", flush=True)
 
