@@ -130,6 +130,13 @@ def ablation_rows() -> List[Row]:
     return rows
 
 
+def claim_ablation_rows() -> List[Row]:
+    """The ablation settings a claim is decided on, with their axis' default (a main-table run)."""
+    rows = ablation_rows()
+    groups = {r.group for r in rows if r.slug in CLAIM_ABLATIONS}
+    return [r for r in rows if r.group in groups and (r.slug in CLAIM_ABLATIONS or not r.options)]
+
+
 def is_seeded(group: str, method: Optional[str], slug: str) -> bool:
     """Whether a row gets every seed: the claims' main rows and the ablation settings a claim
     compares against; every other row (and zero-shot, which is deterministic) runs once."""
@@ -143,6 +150,26 @@ def seeds_for(row: Row, seeds: Sequence[int]) -> List[int]:
 
 
 # --------------------------------------------------------------------- protocol
+def per_method_budget(curves: Dict[str, Any]) -> Dict[str, Dict[str, int]]:
+    """{set: {method: full epochs up to its loss plateau}} from a --curves report (at least 1)."""
+    spe = curves["recommended"]["steps_per_epoch"]
+    budget: Dict[str, Dict[str, int]] = {}
+    for c in curves["curves"].values():
+        budget.setdefault(c["set"], {})[c["method"]] = max(1, math.ceil(c["plateau_step"] / max(spe[c["set"]], 1)))
+    return budget
+
+
+def epochs_for(args: argparse.Namespace, set_name: str, method: Optional[str]) -> int:
+    """Full epochs of `method` on `set_name`: its own plateau under a per-method budget, else --epochs."""
+    if args.budget is None or method is None:
+        return args.epochs
+    try:
+        return args.budget[set_name][method]
+    except KeyError:
+        raise SystemExit(f"--budget-from {args.budget_from}: no curve of {set_name}/{method}; "
+                         f"run --curves for it first (or pass --uniform-budget)") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -153,7 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--sets", default="video,image", help="which downstream sets (video, image)")
     p.add_argument("--methods", default="all", help="comma-separated methods for the main table, or 'all'")
-    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablations", choices=["all", "claims", "none"], default="all",
+                   help="ablation settings: every one, only those a claim (C3-C5) is decided on, or none")
+    p.add_argument("--no-ablations", dest="ablations", action="store_const", const="none", help="= --ablations none")
     p.add_argument("--videos", type=int, default=900, help="clips generated (train + test + order subset)")
     p.add_argument("--order", type=int, default=100, help="clips of the order subset (video set)")
     p.add_argument("--images", type=int, default=1200, help="images generated (train + test)")
@@ -188,17 +217,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train each main method once for --curve-epochs full epochs; write OUT/curves.json/.png")
     p.add_argument("--curve-epochs", type=int, default=6, help="--curves: full epochs per method")
     p.add_argument("--budget-from", default=None, metavar="CURVES_JSON",
-                   help="take --epochs and full epochs (steps 0) from a --curves run's recommendation")
+                   help="train each method for full epochs up to its own loss plateau in a --curves run "
+                        "(ablation settings: their method's); --uniform-budget: the slowest method's, for all")
+    p.add_argument("--uniform-budget", action="store_true",
+                   help="with --budget-from: every method trains the slowest method's plateau (the recommendation)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: seed 0, 2 updates, zero-shot + projection + cross_modal_adapter, 48/40 items")
     p.set_defaults(constant_lr=False)  # --curves sets it: the lr stays constant after the warm-up
     args = p.parse_args(argv)
+    args.budget = None  # {set: {method: epochs}} with --budget-from (per-method plateaus)
     if args.quick:
         args.seeds, args.video_steps, args.image_steps = "0", 2, 2
         args.videos, args.order, args.images, args.test, args.batch = 56, 8, 40, 16, 8
         if args.methods == "all":
             args.methods = "projection,cross_modal_adapter"
-        args.no_ablations = True
+        if args.ablations == "all":
+            args.ablations = "none"
         args.speed_rounds = 1
     if args.budget_from:
         curves = json.loads(Path(args.budget_from).read_text())
@@ -207,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"finish them with --curves first")
         rec = curves["recommended"]
         args.epochs, args.video_steps, args.image_steps = int(rec["epochs"]), 0, 0
+        if not args.uniform_budget:
+            args.budget = per_method_budget(curves)
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.set_list = [s.strip() for s in args.sets.split(",") if s.strip()]
     bad = [s for s in args.set_list if s not in SETS]
@@ -228,7 +264,8 @@ def protocol(args: argparse.Namespace) -> Dict[str, Any]:
             "backbone": args.backbone, "pretrained": args.pretrained, "videos": args.videos, "order": args.order,
             "images": args.images,
             "test": args.test, "data_seed": args.data_seed, "frames": args.frames, "batch": args.batch,
-            "epochs": args.epochs, "video_steps": args.video_steps, "image_steps": args.image_steps,
+            "epochs": args.epochs if args.budget is None else "each method's loss plateau (budget)",
+            **({"budget": args.budget} if args.budget is not None else {}), "video_steps": args.video_steps, "image_steps": args.image_steps,
             "lr": args.lr, "backbone_lr": args.backbone_lr, "precision": args.precision,
             **({"schedule": "constant lr after warm-up"} if args.constant_lr else {}),
             **({"cache_frozen_prefix": True} if args.cache_frozen_prefix else {})}
@@ -278,7 +315,7 @@ def run_config(args: argparse.Namespace, set_name: str, root: Path, row: Row, se
         model=ModelConfig(backbone=args.backbone, pretrained=None if args.pretrained == "none" else args.pretrained),
         method={"name": row.method or "none (zero-shot: evaluated, never trained)", **dict(row.options)},
         head=HeadConfig(pooling="text_conditioned" if video else "mean"),
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=lr, device=args.device,
+        train=TrainConfig(epochs=epochs_for(args, set_name, row.method), batch_size=args.batch, lr=lr, device=args.device,
                           min_lr_ratio=1.0 if args.constant_lr else 0.0,
                           precision=args.precision, seed=seed, max_steps_per_epoch=steps or None, progress=False,
                           cache_frozen_prefix=args.cache_frozen_prefix,
@@ -360,6 +397,7 @@ def train_one(args: argparse.Namespace, set_name: str, root: Path, row: Row, see
     return {"set": set_name, "row": row.label, "group": row.group, "method": row.method or "zero_shot",
             "options": dict(row.options), "seed": seed, "trainable": trainable, "total": total,
             "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1),
+            "epochs": 0 if row.method is None else cfg.train.epochs,
             "protocol": protocol(args), **extra}
 
 
@@ -737,7 +775,7 @@ def run_curves(args: argparse.Namespace, rows: List[Row], deadline: Optional[flo
     lr goes to zero (a 6-epoch cosine run put all seven claim methods' plateaus at 83-89% of it), so a
     plateau there says when the schedule ends, not when the method has converged."""
     args.epochs, args.video_steps, args.image_steps = args.curve_epochs, 0, 0
-    args.constant_lr = True
+    args.constant_lr, args.budget = True, None
     roots = prepare_data(args)
     out = Path(args.out)
     seed = args.seed_list[0]
@@ -819,6 +857,13 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
           f"{len(args.seed_list)} seed(s) {args.seed_list} for {', '.join(sorted(SEEDED_METHODS))} and their "
           f"ablations, 1 seed ({args.seed_list[0]}) for the other methods ({', '.join(others) or 'none'}); "
           f"mean ± sample std; R@K in %, ranks 1-based. {machine}, {report['date']}. Command: `{command}`", ""]
+    if args.budget is not None:
+        md += ["Budget: each method trains full epochs up to its own loss plateau in the curves (`--budget-from "
+               f"{args.budget_from}`; an ablation setting gets its method's): "
+               + "; ".join(f"{s} " + ", ".join(f"{m} {n}" for m, n in sorted(b.items()))
+                           for s, b in args.budget.items() if s in args.set_list) + ".", ""]
+    else:
+        md += [f"Budget: {args.epochs} epoch(s) for every method.", ""]
     for s, entries in tables.items():
         n_items = args.videos if s == "video" else args.images
         md += [f"### {s} set ({n_items - args.test} train / {args.test} test"
@@ -871,11 +916,14 @@ def main(argv=None) -> int:
     deadline = None if args.budget_s is None else t0 + args.budget_s
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = main_rows(methods)
-    ablations = [] if args.no_ablations else ablation_rows()
+    ablations = {"all": ablation_rows, "claims": claim_ablation_rows, "none": list}[args.ablations]()
     out = Path(args.out)
     if args.curves:
         report = run_curves(args, rows, deadline)
         return 1 if report.get("missing") else 0
+    for s in args.set_list:  # a per-method budget must cover every method before hours are spent
+        for row in rows + (ablations if s == "video" else []):
+            epochs_for(args, s, row.method)
     speed_file = out / "speed.json"
     speed: Dict[str, Dict[str, Any]] = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
     failures: List[str] = []

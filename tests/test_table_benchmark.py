@@ -215,6 +215,9 @@ def test_curves_mode_writes_the_figure_and_a_budget_the_table_can_run_at(table, 
     assert table.run_config(args, "video", tmp_path, row, 0).train.min_lr_ratio == 1.0
     args = table.parse_args(["--budget-from", str(out / "curves.json")])
     assert (args.epochs, args.video_steps, args.image_steps) == (curves["recommended"]["epochs"], 0, 0)
+    # per method: each trains to its own plateau; --uniform-budget: the slowest one's, for all
+    assert args.budget == {"image": {"projection": math.ceil(curve["plateau_step"] / 2)}}
+    assert table.parse_args(["--budget-from", str(out / "curves.json"), "--uniform-budget"]).budget is None
 
 
 def test_parallel_runs_write_the_records_a_serial_run_writes(table, tmp_path):
@@ -262,3 +265,36 @@ def test_frozen_prefix_cache_is_part_of_the_protocol_and_changes_no_result(table
     assert cached["frozen_prefix_cache"]["depth"] == {"vision": 2, "text": 2} and "frozen_prefix_cache" not in plain
     assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert cached["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)
+
+
+def test_per_method_budget_trains_each_method_to_its_own_plateau(table, tmp_path):
+    """--budget-from: a run trains ceil(plateau / steps per epoch) epochs of its method (ablations:
+    their method's), the record says how many, and a method without a curve is refused up front."""
+    steps = 3  # 12 train items / batch 4
+    curves = {"recommended": {"epochs": 2, "steps_per_epoch": {"video": steps}},
+              "curves": {"video/projection": {"set": "video", "method": "projection", "plateau_step": 2},
+                         "video/cross_modal_adapter": {"set": "video", "method": "cross_modal_adapter",
+                                                       "plateau_step": 5}}}
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps(curves))
+    assert table.per_method_budget(curves) == {"video": {"projection": 1, "cross_modal_adapter": 2}}
+    argv = ARGS + ["--sets", "video", "--no-speed", "--seeds", "0", "--budget-from", str(path),
+                   "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert table.main(argv) == 0
+    recs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out" / "records").rglob("seed0.json")}
+    assert (recs["projection"]["epochs"], recs["cross_modal_adapter"]["epochs"]) == (1, 2)
+    train_items = recs["projection"]["updates"]  # full epochs: updates = epochs x steps per epoch
+    assert recs["cross_modal_adapter"]["updates"] == 2 * train_items
+    assert recs["projection"]["protocol"]["budget"] == {"video": {"projection": 1, "cross_modal_adapter": 2}}
+    assert "projection 1" in (tmp_path / "out" / "table.md").read_text()
+    with pytest.raises(SystemExit, match="no curve of video/msta"):
+        table.main(argv[:argv.index("--methods") + 1] + ["msta"] + argv[argv.index("--methods") + 2:])
+
+
+def test_claims_ablations_are_the_settings_the_claims_compare(table):
+    rows = table.claim_ablation_rows()
+    assert {r.slug for r in rows if r.options} == table.CLAIM_ABLATIONS
+    assert {r.group for r in rows} == {"CMA: shared dimension d_s", "CMA: what is shared",
+                                       "MV-Adapter: temporal adaptation", "MSTA: consistency loss"}
+    args = table.parse_args(["--ablations", "claims"])
+    assert args.ablations == "claims" and table.parse_args(["--no-ablations"]).ablations == "none"
