@@ -3,14 +3,18 @@
     python benchmarks/table.py --curves                         # 1. loss curves -> OUT/curves.{json,png}
     python benchmarks/table.py --budget-from benchmarks/results/table/curves.json   # 2. the table there
     python benchmarks/table.py --budget-from ... --device cuda --precision bf16     # same on one GPU
+    bash benchmarks/table_cpu.sh     # the claims only (7 methods + 4 ablation settings, 3 seeds), 2-core CPU
     python benchmarks/table.py --quick                          # smoke run: 1 seed, 2 updates, 3 methods
 
 The budget is read off the training curves, not the clock: `--curves` trains every main
 method once (seed 0) for `--curve-epochs` full epochs, logs every update's loss and finds
 each method's plateau (the first update after which the smoothed loss stays within 5 % of
 its total decrease from the final level) at a constant lr after the warm-up (a decaying lr
-would flatten every curve by itself); the recommended budget is the slowest method's
-plateau, rounded up to whole epochs, and `--budget-from` runs the table at it.
+would flatten every curve by itself). `--budget-from` trains each method for whole epochs up
+to its own plateau (an ablation setting: its method's), so a method is neither stopped before
+it converged nor charged epochs it does not need; `--uniform-budget` gives every method the
+slowest one's plateau instead (the curves' "recommended"). Each record keeps its epochs, and
+the whole per-method budget is part of the protocol.
 
 Seeds: the seed claims' methods (`SEEDED_METHODS`: full fine-tuning, partial, projection,
 the Cross-Modal Adapter, the uni-modal adapter, MV-Adapter, MSTA) and the four ablation settings
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -841,12 +846,15 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
     command = " ".join(["python benchmarks/table.py", shlex.join(argv)]).strip()
     import torch
 
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = args.threads or (1 if args.jobs > 1 else torch.get_num_threads())
+    machine = (f"{platform.machine()} ({os.cpu_count()} CPU cores), {threads} thread(s) per run, "
+               f"torch {torch.__version__}")
     if args.device.startswith("cuda") and torch.cuda.is_available():
-        machine = f"{torch.cuda.get_device_name()}, {args.precision}; " + machine
+        machine = f"{torch.cuda.get_device_name()}; " + machine
     verdicts = claims(records)
     if args.jobs > 1:
         machine += f"; {args.jobs} runs at a time"
+    machine += f"; {args.precision}" + ("; frozen-prefix cache on" if args.cache_frozen_prefix else "")
     report = {"protocol": proto, "seeds": args.seed_list, "command": command, "machine": machine,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "seed_policy": {
                   "all_seeds": sorted(SEEDED_METHODS), "other_methods": args.seed_list[:1]},
@@ -863,7 +871,13 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
                + "; ".join(f"{s} " + ", ".join(f"{m} {n}" for m, n in sorted(b.items()))
                            for s, b in args.budget.items() if s in args.set_list) + ".", ""]
     else:
-        md += [f"Budget: {args.epochs} epoch(s) for every method.", ""]
+        steps = {"video": args.video_steps, "image": args.image_steps}
+        md += [f"Budget: {args.epochs} epoch(s) for every method"
+               + "".join(f"; {s}: at most {steps[s]} updates per epoch" for s in args.set_list if steps[s]) + ".", ""]
+    trained = [r for r in records if r.get("method") != "zero_shot"]
+    if trained:
+        md += [f"Time: {len(trained)} training runs took {sum(r['seconds'] for r in trained) / 60:.0f} run-minutes"
+               + (f"; this invocation {seconds / 60:.0f} min of wall time" if seconds else "") + ".", ""]
     for s, entries in tables.items():
         n_items = args.videos if s == "video" else args.images
         md += [f"### {s} set ({n_items - args.test} train / {args.test} test"
@@ -956,7 +970,11 @@ def main(argv=None) -> int:
                         or not set(names) <= set(speed[s].get("results", {})):
                     speed[s] = measure_speed(args, s, names)
                     _write_json(speed_file, speed)
-    report = write_report(args, rows, ablations, speed, round(time.time() - t0, 1))
+    seconds: Optional[float] = round(time.time() - t0, 1)
+    if args.report_only:  # a rebuilt report keeps the wall time of the run that made the records
+        previous = out / "table.json"
+        seconds = json.loads(previous.read_text()).get("seconds") if previous.is_file() else None
+    report = write_report(args, rows, ablations, speed, seconds)
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
     if failures:

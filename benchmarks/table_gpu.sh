@@ -6,7 +6,7 @@
 # table.py at the budget read off the committed training curves (benchmarks/results/table/
 # curves.json), on CUDA in bf16, TABLE_JOBS runs side by side on the one card (default: 3/4 of
 # the CPU cores), into benchmarks/results/table_gpu/ (beside the CPU table, never mixed with it:
-# the protocol differs in precision). No new run starts after TABLE_BUDGET_S (default 330 s);
+# the protocols differ: no frozen-prefix cache on CUDA). No new run starts after TABLE_BUDGET_S (default 330 s);
 # TABLE_TIMEOUT_S (default 470 s) caps the whole command. Rerunning resumes: finished runs keep
 # their records.
 set -u -o pipefail
