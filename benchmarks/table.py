@@ -147,7 +147,7 @@ def is_seeded(group: str, method: Optional[str], slug: str) -> bool:
     compares against; every other row (and zero-shot, which is deterministic) runs once."""
     if group == "main":
         return method is not None and method in SEEDED_METHODS
-    return slug in CLAIM_ABLATIONS
+    return slug in CLAIM_ABLATIONS or slug in SEEDED_METHODS  # an axis' default is that method's main run
 
 
 def seeds_for(row: Row, seeds: Sequence[int]) -> List[int]:
@@ -879,8 +879,8 @@ def write_report(args: argparse.Namespace, rows: List[Row], ablations: List[Row]
         md += [f"Time: {len(trained)} training runs took {sum(r['seconds'] for r in trained) / 60:.0f} run-minutes"
                + (f"; this invocation {seconds / 60:.0f} min of wall time" if seconds else "") + ".", ""]
     for s, entries in tables.items():
-        n_items = args.videos if s == "video" else args.images
-        md += [f"### {s} set ({n_items - args.test} train / {args.test} test"
+        n_train = args.videos - args.test - args.order if s == "video" else args.images - args.test
+        md += [f"### {s} set ({n_train} train / {args.test} test"
                + (f", {args.frames} frames per clip" if s == "video" else "") + ")", "",
                markdown_table(entries, s, with_speed=s in speed, n_seeds=len(args.seed_list)), ""]
         if s == "video" and any("order_metrics" in e for e in entries):
