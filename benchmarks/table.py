@@ -155,12 +155,17 @@ def seeds_for(row: Row, seeds: Sequence[int]) -> List[int]:
 
 
 # --------------------------------------------------------------------- protocol
+def plateau_epochs(plateau_step: int, steps_per_epoch: int) -> int:
+    """Whole epochs that reach a plateau at update `plateau_step` (at least 1)."""
+    return max(1, math.ceil(plateau_step / max(steps_per_epoch, 1)))
+
+
 def per_method_budget(curves: Dict[str, Any]) -> Dict[str, Dict[str, int]]:
-    """{set: {method: full epochs up to its loss plateau}} from a --curves report (at least 1)."""
+    """{set: {method: full epochs up to its loss plateau}} from a --curves report."""
     spe = curves["recommended"]["steps_per_epoch"]
     budget: Dict[str, Dict[str, int]] = {}
     for c in curves["curves"].values():
-        budget.setdefault(c["set"], {})[c["method"]] = max(1, math.ceil(c["plateau_step"] / max(spe[c["set"]], 1)))
+        budget.setdefault(c["set"], {})[c["method"]] = plateau_epochs(c["plateau_step"], spe[c["set"]])
     return budget
 
 
@@ -737,7 +742,7 @@ def recommend_budget(curves: Dict[str, Dict[str, Any]], steps_per_epoch: Dict[st
     slowest = None
     for key, c in curves.items():
         set_name = c["set"]
-        need = math.ceil(c["plateau_step"] / max(steps_per_epoch[set_name], 1))
+        need = plateau_epochs(c["plateau_step"], steps_per_epoch[set_name])
         if need >= epochs:
             epochs, slowest = need, key
     return {"epochs": epochs, "slowest": slowest, "steps_per_epoch": steps_per_epoch}

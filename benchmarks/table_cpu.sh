@@ -10,8 +10,8 @@
 # AMX pass --precision fp32), two runs side by side with one thread each (--jobs 2 --threads 1),
 # the frozen-prefix cache for the methods that allow it. Into benchmarks/results/table_cpu/,
 # beside the GPU table, never mixed with it (the protocols differ). Rerunning resumes: finished
-# runs keep their records. The secondary methods, the other ablations and the image set are the
-# full table (table.py without --methods/--ablations), several hours on this CPU.
+# runs keep their records. `--methods all` adds the ten secondary methods (one seed each);
+# `--methods all --ablations all --sets video,image` is the full table.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"

@@ -126,8 +126,10 @@ class FrozenPrefixCache:
                                        digest_size=16).digest()
         detached = x.detach()
         keys = [self._key(modality, detached[i], context) for i in range(x.shape[0])]
-        # first index of each key not stored yet: the same sample twice in a batch is computed once
-        missing = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self._store}
+        missing: Dict[bytes, int] = {}  # key -> first index: the same sample twice in a batch is computed once
+        for i, k in enumerate(keys):
+            if k not in self._store:
+                missing.setdefault(k, i)
         fresh: Dict[bytes, torch.Tensor] = {}
         if missing:
             h = detached[list(missing.values())]
